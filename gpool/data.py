@@ -1,0 +1,214 @@
+"""Datasets as device-resident uint8 tensors (conf/dataset).
+
+Each dataset is read once through its torchvision class and kept on the training device as
+one uint8 tensor; batches are index slices, normalised on the device. There are no
+per-sample transforms and no DataLoader workers: for 28x28 images those cost more than the
+network itself.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.datasets import MNIST
+
+from gpool import GpoolError
+
+log = logging.getLogger(__name__)
+
+
+class DataError(GpoolError):
+    """A dataset is missing, truncated or corrupt; the message says which file and the fix."""
+
+
+@dataclass
+class Split:
+    """Images as uint8 [N, C, H, W] and int64 labels [N], both on the training device."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class ImageData:
+    """Train and validation splits plus the affine map that normalises a uint8 batch."""
+
+    train: Split
+    val: Split
+    classes: list[str]
+    scale: Tensor  # [1, C, 1, 1]: 1 / (255 * std)
+    shift: Tensor  # [1, C, 1, 1]: -mean / std
+    channels_last: bool = True
+
+    def batch(self, split: Split, index: Tensor | slice) -> tuple[Tensor, Tensor]:
+        """Normalised float images and labels for `index` of `split`."""
+        x = torch.addcmul(self.shift, split.images[index], self.scale)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, split.labels[index]
+
+
+def check_idx(path: Path) -> None:
+    """Raise DataError unless `path` is a complete IDX file of unsigned bytes.
+
+    torchvision only asserts on a bad file (or reads a short one silently in non-strict
+    mode); this names the file and says what is wrong with it.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+        if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or not 1 <= magic[3] <= 3:
+            raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {magic.hex()})")
+        header = f.read(4 * magic[3])
+    if len(header) < 4 * magic[3]:
+        raise DataError(f"{path} is truncated inside its header ({size} bytes)")
+    dims = struct.unpack(f">{magic[3]}I", header)
+    expected = 4 + len(header) + int(np.prod(dims))
+    if size != expected:
+        raise DataError(
+            f"{path} has {size} bytes but its header promises {expected} (shape {list(dims)}): "
+            "the file is truncated or corrupt; delete it so that it is fetched again"
+        )
+
+
+class TorchvisionImages:
+    """A torchvision dataset class loaded into tensors, with FashionMNIST-style offline copies.
+
+    Sources, in order: files already in torchvision's layout under `root`; an
+    `offline_copy` of the original .gz files (Debian's dataset packages), decompressed into
+    `root` once and checked against known md5s; torchvision's own download.
+    """
+
+    def __init__(
+        self,
+        source: Callable[..., Any],
+        root: str,
+        channels: int,
+        image_size: int,
+        num_classes: int,
+        classes: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        normalize: bool = True,
+        offline_copy: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.source = source
+        self.root = Path(root).expanduser()
+        self.channels = channels
+        self.image_size = image_size
+        self.classes = list(classes)
+        if len(self.classes) != num_classes:
+            raise ValueError(f"{len(self.classes)} class names for num_classes={num_classes}")
+        self.mean = list(mean) if normalize else [0.0] * channels
+        self.std = list(std) if normalize else [1.0] * channels
+        self.offline_copy = offline_copy
+
+    @property
+    def source_class(self) -> type:
+        return getattr(self.source, "func", self.source)
+
+    def load(self, device: torch.device | str, channels_last: bool = True) -> ImageData:
+        """Read both splits onto `device`."""
+        self._prepare_files()
+        train, val = (self._read(train) for train in (True, False))
+        shape = (1, self.channels, 1, 1)
+        std = torch.tensor(self.std).view(shape)
+        mean = torch.tensor(self.mean).view(shape)
+        return ImageData(
+            train=Split(train.images.to(device), train.labels.to(device)),
+            val=Split(val.images.to(device), val.labels.to(device)),
+            classes=self.classes,
+            scale=(1.0 / (255.0 * std)).to(device),
+            shift=(-mean / std).to(device),
+            channels_last=channels_last,
+        )
+
+    def _read(self, train: bool) -> Split:
+        try:
+            dataset = self.source(root=str(self.root), train=train, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found" / "corrupted"
+            raise DataError(f"{self.source_class.__name__} under {self.root}: {err}") from err
+        images = torch.as_tensor(np.asarray(dataset.data))
+        if images.ndim == 3:  # MNIST family: [N, H, W]
+            images = images.unsqueeze(1)
+        elif images.shape[-1] == self.channels:  # CIFAR: [N, H, W, C]
+            images = images.permute(0, 3, 1, 2)
+        if tuple(images.shape[1:]) != (self.channels, self.image_size, self.image_size):
+            raise DataError(
+                f"{self.source_class.__name__} images have shape {list(images.shape[1:])}, the "
+                f"config says {[self.channels, self.image_size, self.image_size]}"
+            )
+        labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)
+        return Split(images.contiguous(), labels)
+
+    def _prepare_files(self) -> None:
+        """Make sure the raw files are under `root`, from the first source that has them."""
+        cls = self.source_class
+        if not issubclass(cls, MNIST):
+            self._download_if_missing()
+            return
+        raw = self.root / cls.__name__ / "raw"
+        names = [Path(name).name.removesuffix(".gz") for name, _ in cls.resources]
+        if all((raw / name).is_file() for name in names):
+            for name in names:
+                check_idx(raw / name)
+            return
+        copy_dir = Path(self.offline_copy["dir"]) if self.offline_copy else None
+        if copy_dir and all((copy_dir / f"{name}.gz").is_file() for name in names):
+            for name in names:
+                self._decompress(copy_dir / f"{name}.gz", raw / name)
+            return
+        self._download_if_missing(tried=[raw, *([copy_dir] if copy_dir else [])])
+
+    def _decompress(self, source: Path, target: Path) -> None:
+        if target.is_file():
+            check_idx(target)
+            return
+        log.info("decompressing %s into %s", source, target.parent)
+        try:
+            payload = gzip.decompress(source.read_bytes())
+        except (OSError, EOFError) as err:
+            raise DataError(f"{source} is not a readable gzip file ({err})") from err
+        expected = self.offline_copy["md5"][target.name]
+        actual = hashlib.md5(payload).hexdigest()
+        if actual != expected:
+            raise DataError(
+                f"{source} decompresses to md5 {actual}, expected {expected}: the file is "
+                f"corrupt; reinstall it ({self.offline_copy['install_hint']})"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.part{os.getpid()}")
+        partial.write_bytes(payload)
+        partial.replace(target)  # atomic: concurrent jobs never see half a file
+        check_idx(target)
+
+    def _download_if_missing(self, tried: Sequence[Path] = ()) -> None:
+        name = self.source_class.__name__
+        try:
+            for train in (True, False):
+                self.source(root=str(self.root), train=train, download=True)
+        except Exception as err:  # URLError, RuntimeError, socket errors: all mean "not here"
+            fixes = ["go online so that torchvision can download it"]
+            if self.offline_copy and self.offline_copy.get("install_hint"):
+                fixes.append(f"`{self.offline_copy['install_hint']}`")
+            places = ", ".join(str(p) for p in tried) or str(self.root)
+            raise DataError(
+                f"{name} is not available offline (looked in {places}) and the download failed "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[-1]}). Fix: "
+                + " or ".join(fixes)
+                + "; set GPOOL_DATA or data_dir to use another cache."
+            ) from err
