@@ -1,0 +1,162 @@
+"""Every config group option composes with Hydra and builds its object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import gpool
+from gpool.data import TorchvisionImages
+from gpool.engine import Trainer
+from gpool.model import ConvNet
+from gpool.pooling import GlobalAvgPool, GlobalMaxPool
+
+CONF = gpool.PROJECT_ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def make_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def build_model(cfg: DictConfig) -> ConvNet:
+    return instantiate(cfg.model, pool=instantiate(cfg.pool))
+
+
+def test_defaults_are_the_articles_network_and_optimiser() -> None:
+    cfg = make_cfg()
+    assert cfg.seed == 0
+    assert cfg.optimizer.lr == 3e-4 and cfg.trainer.batch_size == 64
+    assert cfg.trainer.epochs == 60
+    model = build_model(cfg)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (1, 8),
+        (8, 8),
+        (8, 16),
+        (16, 16),
+        (16, 32),
+        (32, 32),
+    ]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.features) == 3
+    assert model.classifier.kernel_size == (1, 1) and model.classifier.out_channels == 10
+
+
+def test_groups_have_the_promised_options() -> None:
+    assert options("pool") == ["avg", "max"]
+    assert options("optimizer") == ["adam", "adamw", "sgd"]
+    assert options("scheduler") == ["cosine", "none", "onecycle"]
+    assert options("dataset") == ["cifar10", "fashion_mnist", "kmnist", "mnist"]
+    assert options("experiment") == ["article", "quick"]
+
+
+@pytest.mark.parametrize("pool", options("pool"))
+@pytest.mark.parametrize("hw", [(1, 1), (3, 3), (4, 7), (28, 28)])
+def test_heads_give_one_score_per_class_for_any_map_size(pool: str, hw: tuple[int, int]) -> None:
+    head = instantiate(make_cfg(f"pool={pool}").pool)
+    x = torch.randn(5, 10, *hw)
+    y = head(x)
+    assert y.shape == (5, 10)
+    expected = x.mean((2, 3)) if pool == "avg" else x.flatten(2).max(2).values
+    torch.testing.assert_close(y, expected)
+    assert isinstance(head, {"avg": GlobalAvgPool, "max": GlobalMaxPool}[pool])
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_optimizers_instantiate_on_model_parameters(name: str) -> None:
+    cfg = make_cfg(f"optimizer={name}")
+    model = build_model(cfg)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    assert type(optimizer).__name__.lower() == name
+    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+
+
+@pytest.mark.parametrize("name", options("scheduler"))
+def test_schedulers_instantiate(name: str) -> None:
+    cfg = make_cfg(f"scheduler={name}", "trainer.epochs=3")
+    assert cfg.scheduler.interval in ("step", "epoch")
+    factory = instantiate(cfg.scheduler.lr_scheduler)
+    if name == "none":
+        assert factory is None
+        return
+    optimizer = torch.optim.SGD(build_model(cfg).parameters(), lr=0.1)
+    extra = {"steps_per_epoch": 5} if cfg.scheduler.interval == "step" else {}
+    scheduler = factory(optimizer, **extra)
+    steps = 3 * (5 if extra else 1)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()  # a schedule sized from the config runs to its end without error
+    assert optimizer.param_groups[0]["lr"] < 0.1 or name == "onecycle"
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_model_output_matches_each_dataset(name: str, tmp_path: Path) -> None:
+    cfg = make_cfg(f"dataset={name}")
+    dataset = instantiate(cfg.dataset, root=str(tmp_path))
+    assert isinstance(dataset, TorchvisionImages)
+    assert len(dataset.classes) == cfg.dataset.num_classes
+    model = build_model(cfg)
+    size = cfg.dataset.image_size
+    out = model(torch.randn(2, cfg.dataset.channels, size, size))
+    assert out.shape == (2, cfg.dataset.num_classes)
+
+
+def test_fashion_mnist_class_names() -> None:
+    assert list(make_cfg().dataset.classes) == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
+
+
+def test_trainer_instantiates_with_auto_device() -> None:
+    trainer = instantiate(make_cfg().trainer)
+    assert isinstance(trainer, Trainer)
+    assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_article_experiment_sets_the_articles_protocol() -> None:
+    cfg = make_cfg("experiment=article", "pool=max")
+    assert cfg.model.output_activation == "sigmoid"
+    assert cfg.dataset.normalize is False
+    assert cfg.trainer.shuffle is False and cfg.trainer.init == "xavier"
+    assert cfg.trainer.train_eval_pass is True and cfg.trainer.epochs == 60
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 3e-4
+    assert cfg.scheduler.lr_scheduler is None
+    assert cfg.pool._target_ == "gpool.pooling.GlobalMaxPool"  # the command line still wins
+    model = build_model(cfg)
+    out = model(torch.randn(3, 1, 28, 28))
+    assert ((out > 0) & (out < 1)).all()  # sigmoid outputs
+
+
+def test_quick_experiment_uses_one_cycle() -> None:
+    cfg = make_cfg("experiment=quick")
+    assert cfg.scheduler.interval == "step"
+    assert cfg.scheduler.lr_scheduler._target_.endswith("OneCycleLR")
+    assert cfg.scheduler.lr_scheduler.epochs == cfg.trainer.epochs
+
+
+def test_outputs_and_store_default_into_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("GPOOL_DATA", "/somewhere/data")
+    cfg = make_cfg()
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{gpool.PROJECT_ROOT}/runs/mlflow.db"
+    assert cfg.data_dir == "/somewhere/data"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert make_cfg().mlflow.tracking_uri == "http://127.0.0.1:5000"

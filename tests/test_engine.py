@@ -1,0 +1,112 @@
+"""The training engine on generated IDX data: determinism, learning, schedules, NaN handling."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from test_config import build_model, make_cfg
+
+from gpool.data import ImageData
+from gpool.engine import EpochResult, NonFiniteLossError, Trainer, seed_everything
+
+
+@pytest.fixture
+def data(idx_root: Path) -> ImageData:
+    cfg = make_cfg()
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.dataset, root=str(idx_root)).load("cpu")
+
+
+def train(
+    data: ImageData, seed: int = 0, *overrides: str, lr: float = 3e-3, scheduler=None, **trainer
+) -> tuple[list[EpochResult], torch.nn.Module, Trainer]:
+    cfg = make_cfg(*overrides)
+    seed_everything(seed)
+    options = dict(epochs=2, batch_size=64, log_every_n_steps=2, device="cpu") | trainer
+    engine = Trainer(**options)
+    model = engine.prepare(build_model(cfg))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    interval = "step" if scheduler is not None else "epoch"
+    history = engine.fit(
+        model, optimizer, data, seed=seed, scheduler=scheduler, scheduler_interval=interval
+    )
+    return history, model, engine
+
+
+def measured(history: list[EpochResult]) -> list[tuple]:
+    """Everything an epoch measured except its wall time."""
+    return [
+        (r.epoch, r.train_loss, r.train_acc, r.val_loss, r.val_acc, r.lr, r.step_losses)
+        for r in history
+    ]
+
+
+def test_same_seed_gives_identical_metrics(data: ImageData) -> None:
+    first, model_a, _ = train(data, 7)
+    second, model_b, _ = train(data, 7)
+    assert measured(first) == measured(second)  # every metric and step loss, bit for bit
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other, _, _ = train(data, 8)
+    assert [r.train_loss for r in other] != [r.train_loss for r in first]
+
+
+def test_training_learns_the_generated_task(data: ImageData) -> None:
+    history, _, _ = train(data, 0, epochs=6)
+    assert history[-1].train_loss < history[0].train_loss
+    assert history[-1].val_acc > 0.5  # chance is 0.1
+
+
+def test_epoch_results_and_step_sampling(data: ImageData) -> None:
+    history, _, engine = train(
+        data, 0, epochs=2, limit_train_batches=5, limit_val_batches=1, eval_batch_size=100
+    )
+    assert engine.steps_per_epoch(data) == 5
+    assert [r.epoch for r in history] == [1, 2]
+    assert [s for s, _ in history[0].step_losses] == [2, 4]
+    assert [s for s, _ in history[1].step_losses] == [6, 8, 10]
+    for r in history:
+        assert 0 <= r.train_acc <= 1 and 0 <= r.val_acc <= 1 and r.epoch_seconds > 0
+        assert r.lr == pytest.approx(3e-3)
+        assert set(r.metrics()) == {
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "lr",
+            "epoch_seconds",
+        }
+        assert (r.val_acc * 100) == pytest.approx(round(r.val_acc * 100))  # 100 val images
+
+
+def test_train_eval_pass_reports_a_full_pass_with_final_weights(data: ImageData) -> None:
+    history, model, engine = train(data, 0, train_eval_pass=True)
+    assert (history[-1].train_loss, history[-1].train_acc) == engine.evaluate(
+        model, data, data.train
+    )
+
+
+def test_per_step_one_cycle_schedule_runs_to_its_end(data: ImageData) -> None:
+    scheduler = partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=3e-3, epochs=2)
+    history, _, _ = train(data, 0, scheduler=scheduler)
+    assert history[0].lr == pytest.approx(3e-3 / 25)  # OneCycle starts at max_lr / div_factor
+    assert history[1].lr > history[0].lr  # mid-cycle
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(data: ImageData) -> None:
+    with pytest.raises(NonFiniteLossError, match="training loss became nan in epoch 1"):
+        train(data, 0, lr=1e12)
+
+
+def test_sigmoid_article_protocol_trains(data: ImageData) -> None:
+    history, model, _ = train(
+        data, 0, "experiment=article", train_eval_pass=True, shuffle=False, init="xavier"
+    )
+    assert model.output_activation == "sigmoid"
+    bias = model.classifier.bias.detach()
+    assert history[-1].train_loss > 1.4  # CE over sigmoid outputs cannot go below ~1.46
+    assert not torch.allclose(bias, torch.full_like(bias, 0.01))  # xavier init, then trained

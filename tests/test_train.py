@@ -1,0 +1,133 @@
+"""`python -m gpool.train` end to end, as subprocesses, with the MLflow store queried back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import run_gpool
+from hydra import compose, initialize_config_dir
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+import gpool
+
+SHORT = (
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.eval_batch_size=100",
+    "trainer.limit_val_batches=1",
+)
+
+
+def runs_in(tmp_path: Path) -> list[Run]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("gpool")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
+
+
+def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"pool={pool} seed={seed}"
+    tags, params = run.data.tags, run.data.params
+    assert (tags["pool"], tags["dataset"], tags["optimizer"]) == (pool, "fashion_mnist", "adam")
+    assert tags["seed"] == str(seed) and "trainer.epochs=2" in tags["overrides"]
+    assert params["seed"] == str(seed) and params["trainer.epochs"] == "2"
+    assert params["optimizer.lr"] == "0.0003" and params["pool._target_"].endswith(
+        {"avg": "GlobalAvgPool", "max": "GlobalMaxPool"}[pool]
+    )
+    assert params["mlflow.experiment_name"] == "gpool"
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    steps = client.get_metric_history(run.info.run_id, "train_step_loss")
+    assert sorted(m.step for m in steps) == [2, 4, 6]  # every 2nd of 3 steps x 2 epochs
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert names == {"config.yaml", "hydra", "curves.png", "model.pt"}
+    hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert hydra_files == {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"}
+    local = Path(
+        download_artifacts(
+            run_id=run.info.run_id,
+            artifact_path="model.pt",
+            tracking_uri=client.tracking_uri,
+            dst_path=str(tmp_path),
+        )
+    )
+    state = torch.load(local, weights_only=True)
+    assert state["classifier.weight"].shape == (10, 32, 1, 1)
+
+
+def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: Path) -> None:
+    proc = run_gpool(tmp_path, idx_root, *SHORT)
+    assert proc.returncode == 0, proc.stderr
+    assert "validation_accuracy" in proc.stdout  # the article-style summary line per epoch
+    (run,) = runs_in(tmp_path)
+    check_finished_run(tmp_path, run, "avg", 0)
+    assert (tmp_path / "single" / "curves.png").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("gpool")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> None:
+    proc = run_gpool(tmp_path, idx_root, "pool=avg,max", "seed=0,1", *SHORT, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    runs = runs_in(tmp_path)
+    assert len(runs) == 4
+    for run, (pool, seed) in zip(
+        runs, [("avg", 0), ("avg", 1), ("max", 0), ("max", 1)], strict=True
+    ):
+        check_finished_run(tmp_path, run, pool, seed)
+    jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    assert runs[0].data.metrics["val_loss"] != runs[2].data.metrics["val_loss"]  # heads differ
+
+
+def test_unknown_option_fails_before_anything_is_logged(tmp_path: Path, idx_root: Path) -> None:
+    proc = run_gpool(tmp_path, idx_root, "pool=median")
+    assert proc.returncode != 0
+    assert "Could not find 'pool/median'" in proc.stderr
+    assert "avg" in proc.stderr and "max" in proc.stderr  # Hydra lists the options
+    proc = run_gpool(tmp_path, idx_root, "trainer.epochz=3")
+    assert proc.returncode != 0 and "epochz" in proc.stderr
+    assert runs_in(tmp_path) == []
+
+
+def test_missing_data_is_one_clear_error_and_no_run(tmp_path: Path, monkeypatch) -> None:
+    # A proxy on a closed local port makes torchvision's download fail at once, online or not.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    proc = run_gpool(tmp_path, tmp_path / "no-data", "dataset.offline_copy.dir=/nonexistent")
+    assert proc.returncode != 0
+    assert "FashionMNIST is not available offline" in proc.stderr
+    assert "apt-get install dataset-fashion-mnist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert runs_in(tmp_path) == []
+
+
+def test_nan_loss_fails_its_run_and_the_sweep_goes_on(tmp_path: Path, idx_root: Path) -> None:
+    proc = run_gpool(tmp_path, idx_root, "optimizer.lr=1e12,3e-4", *SHORT, multirun=True)
+    assert proc.returncode != 0  # Hydra reports the failed job
+    assert "training loss became nan" in proc.stderr
+    failed, finished = runs_in(tmp_path)
+    assert (
+        failed.info.status == "FAILED" and failed.data.params["optimizer.lr"] == "1000000000000.0"
+    )
+    assert "NonFiniteLossError" in failed.data.tags["failure"]
+    assert finished.info.status == "FINISHED"
+
+
+def test_output_dirs_live_under_the_projects_runs_and_do_not_collide() -> None:
+    with initialize_config_dir(config_dir=str(gpool.PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    runs = gpool.PROJECT_ROOT / "runs"
+    for directory in (cfg.hydra.run.dir, cfg.hydra.sweep.dir):
+        path = Path(directory)
+        assert path.is_relative_to(runs)
+        assert len(path.name.split("-")) == 4  # HH-MM-SS-microseconds
