@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,11 @@ class Trainer:
         init: str = "default",
         train_eval_pass: bool = False,
         channels_last: bool = True,
+        precision: str = "32",
+        compile: bool = False,
     ) -> None:
+        if precision not in ("32", "bf16"):
+            raise ValueError(f"trainer.precision must be '32' or 'bf16', not {precision!r}")
         self.epochs = epochs
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -98,6 +102,14 @@ class Trainer:
         self.init = init
         self.train_eval_pass = train_eval_pass
         self.channels_last = channels_last
+        self.precision = precision
+        self.compile = compile
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for the forward pass when precision is 'bf16'; a no-op otherwise."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        )
 
     def steps_per_epoch(self, data: ImageData) -> int:
         steps = math.ceil(len(data.train) / self.batch_size)
@@ -134,12 +146,15 @@ class Trainer:
             extra = {"steps_per_epoch": steps} if scheduler_interval == "step" else {}
             scheduler = scheduler(optimizer, **extra)
         generator = torch.Generator().manual_seed(seed)
+        # The compiled wrapper shares the model's parameters; callers keep the plain model
+        # (its state_dict has no `_orig_mod.` prefix). Compile time lands in epoch 1.
+        run_model = torch.compile(model) if self.compile else model
         history: list[EpochResult] = []
         for epoch in range(1, self.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             loss_sum, correct, seen, samples = self._train_epoch(
-                model,
+                run_model,
                 optimizer,
                 data,
                 generator,
@@ -157,8 +172,10 @@ class Trainer:
                 )
             train_acc = correct.item() / seen
             if self.train_eval_pass:
-                train_loss, train_acc = self.evaluate(model, data, data.train, limit=steps)
-            val_loss, val_acc = self.evaluate(model, data, data.val, limit=self.limit_val_batches)
+                train_loss, train_acc = self.evaluate(run_model, data, data.train, limit=steps)
+            val_loss, val_acc = self.evaluate(
+                run_model, data, data.val, limit=self.limit_val_batches
+            )
             result = EpochResult(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -208,8 +225,9 @@ class Trainer:
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=None)
         for i in bar:
             x, y = data.batch(data.train, order[i * self.batch_size : (i + 1) * self.batch_size])
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with self.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -222,18 +240,31 @@ class Trainer:
                 samples.append((first_step + i + 1, loss))
         return loss_sum, correct, order.shape[0], samples
 
+    def _eval_batches(
+        self, model: nn.Module, data: ImageData, split: Split, n: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(logits, labels) over the first `n` images of `split`, in large batches."""
+        model.eval()
+        for start in range(0, n, self.eval_batch_size):
+            x, y = data.batch(split, slice(start, min(start + self.eval_batch_size, n)))
+            with self.autocast():
+                yield model(x).float(), y
+
     @torch.inference_mode()
     def evaluate(
         self, model: nn.Module, data: ImageData, split: Split, limit: int | None = None
     ) -> tuple[float, float]:
         """Mean loss and accuracy over `split` (its first `limit` eval batches if set)."""
-        model.eval()
         n = min(len(split), (limit or len(split)) * self.eval_batch_size)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for start in range(0, n, self.eval_batch_size):
-            x, y = data.batch(split, slice(start, min(start + self.eval_batch_size, n)))
-            logits = model(x)
+        for logits, y in self._eval_batches(model, data, split, n):
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
         return loss_sum.item() / n, correct.item() / n
+
+    @torch.inference_mode()
+    def predict(self, model: nn.Module, data: ImageData, split: Split) -> Tensor:
+        """The predicted class of every image of `split`, on the CPU."""
+        batches = self._eval_batches(model, data, split, len(split))
+        return torch.cat([logits.argmax(1) for logits, _ in batches]).cpu()

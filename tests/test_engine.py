@@ -110,3 +110,24 @@ def test_sigmoid_article_protocol_trains(data: ImageData) -> None:
     bias = model.classifier.bias.detach()
     assert history[-1].train_loss > 1.4  # CE over sigmoid outputs cannot go below ~1.46
     assert not torch.allclose(bias, torch.full_like(bias, 0.01))  # xavier init, then trained
+
+
+def test_bf16_autocast_path_trains(data: ImageData) -> None:
+    history, model, engine = train(data, 0, precision="bf16")
+    assert engine.autocast().fast_dtype == torch.bfloat16
+    assert all(0 <= r.val_acc <= 1 and r.train_loss == r.train_loss for r in history)
+    assert history[-1].train_loss < history[0].train_loss
+    assert next(model.parameters()).dtype == torch.float32  # weights stay fp32 under autocast
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="trainer.precision must be"):
+        Trainer(epochs=1, precision="fp8")
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_closely(data: ImageData) -> None:
+    eager, _, _ = train(data, 3, epochs=1, limit_train_batches=4)
+    compiled, model, _ = train(data, 3, epochs=1, limit_train_batches=4, compile=True)
+    assert "classifier.weight" in model.state_dict()  # the plain model, no _orig_mod prefix
+    assert compiled[0].train_loss == pytest.approx(eager[0].train_loss, rel=1e-3)

@@ -1,0 +1,305 @@
+"""`python -m gpool.bench`: gpool's engine against the article's training loop, A/B/A/B.
+
+Both sides train the same network (sigmoid outputs, xavier init, no shuffling) on the same
+data with the same batch size, optimiser and learning rate, alternating in one process so
+that machine noise hits both. (A) is the article's loop: a torchvision dataset with
+`ToTensor`, a DataLoader, `loss.item()` every batch, an extra full pass for training
+accuracy, then validation. (B) is gpool's Trainer. The last line printed is the ratio A/B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from torchvision.transforms import ToTensor
+
+from gpool import PROJECT_ROOT
+from gpool.data import ImageData
+from gpool.engine import Trainer, seed_everything
+from gpool.model import ConvNet
+
+
+@dataclass
+class Measurement:
+    name: str
+    seconds: float
+    images: int
+    peak_bytes: int
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[int]]:
+    """Yields a list that holds, afterwards, the peak memory the block added: CUDA
+    allocations on a GPU, resident set size (sampled every 5 ms) on the CPU."""
+    result = [0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        yield result
+        torch.cuda.synchronize()
+        result[0] = torch.cuda.max_memory_allocated() - before
+        return
+    before = resident_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], resident_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result[0] = max(peak[0], resident_bytes()) - before
+
+
+def fresh_model(cfg: DictConfig, seed: int) -> ConvNet:
+    seed_everything(seed)
+    return instantiate(cfg.model, pool=instantiate(cfg.pool))
+
+
+def reference_epoch(cfg: DictConfig, device: torch.device, steps: int | None) -> Measurement:
+    """The article's loop, as written there: per-sample ToTensor through a DataLoader."""
+    source = instantiate(cfg.dataset.source)
+    root = cfg.data_dir
+    train_loader = DataLoader(
+        source(root=root, train=True, transform=ToTensor()), batch_size=cfg.trainer.batch_size
+    )
+    val_loader = DataLoader(
+        source(root=root, train=False, transform=ToTensor()), batch_size=cfg.trainer.batch_size
+    )
+    model = fresh_model(cfg, cfg.seed)
+    model.initialise(cfg.trainer.init)
+    model.to(device)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    criterion = torch.nn.CrossEntropyLoss()
+    images = 0
+    with peak_memory(device) as peak:
+        start = time.perf_counter()
+        model.train()
+        losses = []
+        for i, (x, y) in enumerate(train_loader):
+            if steps is not None and i >= steps:
+                break
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            images += x.shape[0]
+        for loader, limit in ((train_loader, steps), (val_loader, None)):
+            correct = total = 0
+            with torch.no_grad():
+                for i, (x, y) in enumerate(loader):
+                    if limit is not None and i >= limit:
+                        break
+                    x, y = x.to(device), y.to(device)
+                    predicted = torch.argmax(model(x), dim=1)
+                    correct += (predicted == y).sum().item()
+                    total += y.shape[0]
+        seconds = time.perf_counter() - start
+    return Measurement("reference", seconds, images, peak[0])
+
+
+def engine_epoch(cfg: DictConfig, data: ImageData, trainer: Trainer) -> Measurement:
+    model = trainer.prepare(fresh_model(cfg, cfg.seed))
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    with peak_memory(trainer.device) as peak:
+        (result,) = trainer.fit(model, optimizer, data, seed=cfg.seed)
+    images = min(len(data.train), trainer.steps_per_epoch(data) * trainer.batch_size)
+    return Measurement("gpool", result.epoch_seconds, images, peak[0])
+
+
+def time_to_accuracy(target: float, epochs: int, device: str) -> tuple[int | None, float]:
+    """Epochs and training seconds until GAP's val acc reaches `target` with the quick recipe
+    (Adam + one-cycle); (None, seconds) if it never does within `epochs`."""
+    cfg = compose_config("experiment=quick", f"trainer.epochs={epochs}", f"trainer.device={device}")
+    trainer: Trainer = instantiate(cfg.trainer)
+    data = instantiate(cfg.dataset, root=cfg.data_dir).load(trainer.device, trainer.channels_last)
+    model = trainer.prepare(fresh_model(cfg, cfg.seed))
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    elapsed = 0.0
+    reached: list[int] = []
+
+    def watch(result) -> None:
+        nonlocal elapsed
+        if not reached:
+            elapsed += result.epoch_seconds
+            if result.val_acc >= target:
+                reached.append(result.epoch)
+
+    trainer.fit(
+        model,
+        optimizer,
+        data,
+        seed=cfg.seed,
+        scheduler=instantiate(cfg.scheduler.lr_scheduler),
+        scheduler_interval=cfg.scheduler.interval,
+        on_epoch=watch,
+    )
+    return (reached[0] if reached else None), elapsed
+
+
+def end_to_end(steps: int | None, device: str) -> tuple[float, float]:
+    """Wall seconds of one `python -m gpool.train` epoch and the seconds its MLflow calls took."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            sys.executable,
+            "-m",
+            "gpool.train",
+            "trainer.epochs=1",
+            f"trainer.device={device}",
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            f"hydra.run.dir={tmp}/run",
+        ]
+        if steps is not None:
+            args.append(f"trainer.limit_train_batches={steps}")
+        start = time.perf_counter()
+        subprocess.run(args, check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("gpool").experiment_id])
+        return wall, run.data.metrics["mlflow_seconds"]
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    return (
+        f"{name}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+        f"torch {torch.__version__}; device {device}"
+    )
+
+
+def alternate(rounds: int, a: Callable[[], Measurement], b: Callable[[], Measurement]):
+    results: dict[str, list[Measurement]] = {"reference": [], "gpool": []}
+    for r in range(rounds):
+        for run in (a, b):
+            m = run()
+            results[m.name].append(m)
+            print(f"round {r + 1}/{rounds} {m.name:9s} {m.seconds:7.2f} s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (median is reported)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training batches per epoch (default: the full epoch)",
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--pool", default="avg", choices=["avg", "max"])
+    parser.add_argument(
+        "--target-acc", type=float, default=0.87, help="val accuracy for the time-to-accuracy run"
+    )
+    parser.add_argument(
+        "--tta-epochs",
+        type=int,
+        default=4,
+        help="epochs of the quick recipe for time-to-accuracy (0: skip)",
+    )
+    parser.add_argument(
+        "--no-end-to-end",
+        action="store_true",
+        help="skip timing a whole `python -m gpool.train` epoch",
+    )
+    args = parser.parse_args(argv)
+
+    overrides = [
+        "experiment=article",
+        f"pool={args.pool}",
+        "trainer.epochs=1",
+        f"trainer.device={args.device}",
+        "trainer.train_eval_pass=false",
+    ]
+    if args.steps is not None:
+        overrides.append(f"trainer.limit_train_batches={args.steps}")
+    cfg = compose_config(*overrides)
+    trainer: Trainer = instantiate(cfg.trainer)
+    data = instantiate(cfg.dataset, root=cfg.data_dir).load(trainer.device, trainer.channels_last)
+    device = trainer.device
+    print(f"machine: {machine(device)}")
+    print(
+        f"date: {date.today().isoformat()}; command: python -m gpool.bench "
+        + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+    results = alternate(
+        args.rounds,
+        lambda: reference_epoch(cfg, device, args.steps),
+        lambda: engine_epoch(cfg, data, trainer),
+    )
+    print(f"\n| loop | s/epoch (median of {args.rounds}) | images/s | peak memory MiB |")
+    print("| --- | --- | --- | --- |")
+    medians = {}
+    for name, runs in results.items():
+        medians[name] = statistics.median(m.seconds for m in runs)
+        rate = runs[0].images / medians[name]
+        peak = max(m.peak_bytes for m in runs) / 2**20
+        print(f"| {name} | {medians[name]:.2f} | {rate:,.0f} | {peak:.0f} |")
+    ratio = medians["reference"] / medians["gpool"]
+
+    if args.tta_epochs:
+        epochs, seconds = time_to_accuracy(args.target_acc, args.tta_epochs, args.device)
+        article = 60 * medians["reference"]
+        if epochs is None:
+            print(f"\ntime to val acc {args.target_acc}: not reached in {args.tta_epochs} epochs")
+        else:
+            print(
+                f"\ntime to GAP val acc >= {args.target_acc} (experiment=quick): epoch {epochs}, "
+                f"{seconds:.1f} s; the article's 60 epochs with its loop: ~{article:.0f} s "
+                f"(60 x measured reference epoch), {article / seconds:.0f}x sooner"
+            )
+    if not args.no_end_to_end:
+        wall, tracking = end_to_end(args.steps, args.device)
+        print(
+            f"\nend to end: `python -m gpool.train trainer.epochs=1` took {wall:.1f} s wall; "
+            f"MLflow calls {tracking:.2f} s ({100 * tracking / wall:.1f} %)"
+        )
+    print(f"\nspeed-up reference/gpool per epoch: {ratio:.2f}x")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
