@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from gpool.engine import EpochResult  # noqa: E402
 
@@ -26,5 +27,58 @@ def plot_curves(history: Sequence[EpochResult], path: Path, title: str) -> Path:
         ax.legend()
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_class_maps(
+    images: Tensor,
+    maps: Tensor,
+    labels: Sequence[int],
+    predicted: Sequence[int],
+    classes: Sequence[str],
+    path: Path,
+) -> Path:
+    """One row per image: the input, then the map of every class as the pool head sees it.
+
+    Maps share one colour scale per row so that the strongest class map stands out, which is
+    what GAP (its mean) and GMP (its peak) turn into the score.
+    """
+    rows, k = maps.shape[0], maps.shape[1]
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.4 * rows), squeeze=False)
+    for r in range(rows):
+        image = images[r].permute(1, 2, 0).squeeze(-1).numpy()
+        axes[r, 0].imshow(image, cmap="gray" if image.ndim == 2 else None)
+        axes[r, 0].set_title(f"{classes[labels[r]]}\n-> {classes[predicted[r]]}", fontsize=7)
+        low, high = maps[r].min().item(), maps[r].max().item()
+        for c in range(k):
+            axes[r, c + 1].imshow(maps[r, c].numpy(), cmap="viridis", vmin=low, vmax=high)
+            if r == 0:
+                axes[r, c + 1].set_title(classes[c], fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("class maps before the global pool (row: true -> predicted)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(matrix: Tensor, classes: Sequence[str], path: Path) -> Path:
+    """Validation confusion matrix, rows true classes, columns predictions."""
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(0.6 * k + 2.5, 0.6 * k + 2), constrained_layout=True)
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    for t in range(k):
+        for p in range(k):
+            value = int(matrix[t, p])
+            colour = "white" if value > matrix.max().item() / 2 else "black"
+            ax.text(p, t, str(value), ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -6,7 +6,9 @@ depends on process-global MLflow state left by the job before it in a multirun.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -15,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -26,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: MLflow 3's UI opens experiments without this tag on its GenAI overview, hiding runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: Tag that marks a sweep's parent run (value "sweep").
+ROLE_TAG = "gpool.role"
+#: How a multirun's jobs, in this process or in launcher-started ones, find their parent run.
+PARENT_RUN_ENV = "GPOOL_PARENT_RUN_ID"
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
@@ -73,14 +79,60 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
 
 
-class PrepareStore(Callback):
-    """Hydra callback: prepares the MLflow store in the launching process, before jobs run."""
+class SweepTracking(Callback):
+    """Hydra callback, run in the launching process.
+
+    Prepares the MLflow store before any job starts and, for a multirun, opens one parent
+    run that every job's run nests under. Jobs learn the parent's id from the environment
+    variable PARENT_RUN_ENV, which processes started by other launchers inherit. The parent
+    ends FINISHED when every child did, FAILED otherwise (also when Hydra stops on a failed
+    job before `on_multirun_end`, through an atexit hook).
+    """
+
+    def __init__(self) -> None:
+        self.parent: tuple[MlflowClient, str] | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         ensure_experiment(config.mlflow.tracking_uri, config.mlflow.experiment_name)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        ensure_experiment(config.mlflow.tracking_uri, config.mlflow.experiment_name)
+        tracking_uri = config.mlflow.tracking_uri
+        experiment_id = ensure_experiment(tracking_uri, config.mlflow.experiment_name)
+        overrides = " ".join(config.hydra.overrides.task)
+        client = MlflowClient(tracking_uri)
+        tags = {ROLE_TAG: "sweep", "sweep_dir": str(config.hydra.sweep.dir), "overrides": overrides}
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        run = client.create_run(experiment_id, run_name=f"sweep {overrides}".strip(), tags=tags)
+        self.parent = (client, run.info.run_id)
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        atexit.register(self.close_parent)
+        log.info("MLflow sweep run %s: %s", run.info.run_id, overrides)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.close_parent()
+
+    def close_parent(self) -> None:
+        """End the parent run: FINISHED if it has children and all of them FINISHED."""
+        if self.parent is None:
+            return
+        client, run_id = self.parent
+        self.parent = None
+        os.environ.pop(PARENT_RUN_ENV, None)
+        children = child_runs(client, run_id)
+        ok = children and all(c.info.status == "FINISHED" for c in children)
+        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
+    """The job runs of a sweep, oldest first."""
+    parent = client.get_run(parent_run_id)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10000,
+    )
 
 
 def git_commit() -> str | None:
@@ -105,21 +157,34 @@ class Tracker:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
     ) -> None:
+        self.seconds = 0.0  # spent in MLflow calls; logged as `mlflow_seconds` at the end
+        start = time.perf_counter()
         self.client = MlflowClient(tracking_uri)
         self.experiment_id = ensure_experiment(tracking_uri, experiment_name)
+        self.seconds += time.perf_counter() - start
         self.run_name = run_name
         self.params = flatten(params)
         self.tags = {k: str(v) for k, v in tags.items() if v is not None}
         if commit := git_commit():
             self.tags["mlflow.source.git.commit"] = commit
+        if parent := os.environ.get(PARENT_RUN_ENV):
+            self.tags["mlflow.parentRunId"] = parent
         self.run_id = ""
 
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call an MlflowClient method, adding its time to `seconds`."""
+        start = time.perf_counter()
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
     def __enter__(self) -> Tracker:
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
+        run = self._call("create_run", self.experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in self.params.items()]
         for batch in chunks(params, MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=batch)
+            self._call("log_batch", self.run_id, params=batch)
         log.info("MLflow run %s (%s) in %s", self.run_id, self.run_name, self.client.tracking_uri)
         return self
 
@@ -130,7 +195,8 @@ class Tracker:
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
-            self.client.set_tag(self.run_id, "failure", f"{exc_type.__name__}: {exc}"[:5000])
+            self._call("set_tag", self.run_id, "failure", f"{exc_type.__name__}: {exc}"[:5000])
+        self._call("log_metric", self.run_id, "mlflow_seconds", self.seconds)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
         return False
 
@@ -140,17 +206,17 @@ class Tracker:
         metrics = [Metric(k, v, now, result.epoch) for k, v in result.metrics().items()]
         metrics += [Metric("train_step_loss", v, now, step) for step, v in result.step_losses]
         for batch in chunks(metrics, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._call("log_batch", self.run_id, metrics=batch)
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), f"{artifact_path or path.name}")
+                self._call("log_artifacts", self.run_id, str(path), artifact_path or path.name)
             else:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
+                self._call("log_artifact", self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._call("log_text", self.run_id, text, name)
 
 
 def tags_for(choices: Mapping[str, str | None], seed: int, overrides: list[str]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -47,7 +48,15 @@ def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
     steps = client.get_metric_history(run.info.run_id, "train_step_loss")
     assert sorted(m.step for m in steps) == [2, 4, 6]  # every 2nd of 3 steps x 2 epochs
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert names == {"config.yaml", "hydra", "curves.png", "model.pt"}
+    assert names == {
+        "config.yaml",
+        "hydra",
+        "curves.png",
+        "model.pt",
+        "class_maps.png",
+        "confusion_matrix.png",
+        "confusion_matrix.json",
+    }
     hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
     assert hydra_files == {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"}
     local = Path(
@@ -60,6 +69,18 @@ def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
     )
     state = torch.load(local, weights_only=True)
     assert state["classifier.weight"].shape == (10, 32, 1, 1)
+    confusion = json.loads(
+        Path(
+            download_artifacts(
+                run_id=run.info.run_id,
+                artifact_path="confusion_matrix.json",
+                tracking_uri=client.tracking_uri,
+                dst_path=str(tmp_path),
+            )
+        ).read_text()
+    )
+    assert len(confusion["matrix"]) == 10 and sum(map(sum, confusion["matrix"])) == 256
+    assert set(confusion["per_class_accuracy"]) == set(confusion["classes"])
 
 
 def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: Path) -> None:
@@ -68,6 +89,7 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: 
     assert "validation_accuracy" in proc.stdout  # the article-style summary line per epoch
     (run,) = runs_in(tmp_path)
     check_finished_run(tmp_path, run, "avg", 0)
+    assert "mlflow.parentRunId" not in run.data.tags
     assert (tmp_path / "single" / "curves.png").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("gpool")
@@ -78,12 +100,19 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: 
 def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> None:
     proc = run_gpool(tmp_path, idx_root, "pool=avg,max", "seed=0,1", *SHORT, multirun=True)
     assert proc.returncode == 0, proc.stderr
-    runs = runs_in(tmp_path)
+    runs = [run for run in runs_in(tmp_path) if "gpool.role" not in run.data.tags]
     assert len(runs) == 4
     for run, (pool, seed) in zip(
         runs, [("avg", 0), ("avg", 1), ("max", 0), ("max", 1)], strict=True
     ):
         check_finished_run(tmp_path, run, pool, seed)
+    parent_id = {run.data.tags["mlflow.parentRunId"] for run in runs}
+    assert len(parent_id) == 1
+    parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(parent_id.pop())
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["gpool.role"] == "sweep"
+    assert parent.data.tags["sweep_dir"] == str(tmp_path / "multirun")
+    assert "pool=avg,max seed=0,1" in parent.info.run_name
     jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert jobs == ["0", "1", "2", "3"]
     assert runs[0].data.metrics["val_loss"] != runs[2].data.metrics["val_loss"]  # heads differ
@@ -115,7 +144,8 @@ def test_nan_loss_fails_its_run_and_the_sweep_goes_on(tmp_path: Path, idx_root: 
     proc = run_gpool(tmp_path, idx_root, "optimizer.lr=1e12,3e-4", *SHORT, multirun=True)
     assert proc.returncode != 0  # Hydra reports the failed job
     assert "training loss became nan" in proc.stderr
-    failed, finished = runs_in(tmp_path)
+    parent, failed, finished = runs_in(tmp_path)
+    assert parent.data.tags["gpool.role"] == "sweep" and parent.info.status == "FAILED"
     assert (
         failed.info.status == "FAILED" and failed.data.params["optimizer.lr"] == "1000000000000.0"
     )

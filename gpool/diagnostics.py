@@ -1,0 +1,40 @@
+"""What a trained model does on the validation set: the confusion matrix and the class maps
+that enter the global pool (the article's `visualize_layer`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gpool.data import ImageData
+
+
+def confusion_matrix(predicted: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """[true class, predicted class] counts."""
+    flat = labels.cpu() * num_classes + predicted.cpu()
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def per_class_accuracy(matrix: Tensor) -> list[float]:
+    """Recall of each class; 0 for a class with no validation images."""
+    totals = matrix.sum(1).clamp(min=1)
+    return (matrix.diagonal() / totals).tolist()
+
+
+def probe_indices(labels: Tensor) -> Tensor:
+    """The first validation image of each class: the same images in every run of a dataset,
+    so feature maps can be compared across heads and seeds."""
+    labels = labels.cpu()
+    return torch.stack([(labels == c).nonzero()[0, 0] for c in labels.unique(sorted=True)])
+
+
+@torch.inference_mode()
+def class_maps(model: nn.Module, data: ImageData, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Images in [0, 1], the [N, num_classes, h, w] maps before the pool, and predictions."""
+    model.eval()
+    device = data.val.images.device
+    x, _ = data.batch(data.val, index.to(device))
+    maps = model.class_maps(x)
+    predicted = model.pool(maps).argmax(1)
+    images = data.val.images[index.to(device)].float() / 255
+    return images.cpu(), maps.float().cpu(), predicted.cpu()
