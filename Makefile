@@ -1,12 +1,16 @@
 # The README's two set-up commands: `make sweep` (the main job) and `make test`.
 # Both create .venv, install gpool with its dev extra and, when run as root on Debian or
-# Ubuntu without the data, Debian's FashionMNIST package.
+# Ubuntu, what is missing of Debian's FashionMNIST package (and, for the tests, chromium,
+# which the browser test drives; Playwright never downloads a browser of its own here).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 CACHED_DATA := $(or $(GPOOL_DATA),$(HOME)/.cache/gpool)/FashionMNIST/raw
 
-.PHONY: setup data sweep test
+APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+CAN_APT = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
+
+.PHONY: setup data browser sweep test
 
 setup: $(VENV)/.installed
 
@@ -16,14 +20,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 data:
-	@if [ ! -d $(DEBIAN_DATA) ] && [ ! -d $(CACHED_DATA) ] && [ "$$(id -u)" = 0 ] \
-		&& command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	@if [ ! -d $(DEBIAN_DATA) ] && [ ! -d $(CACHED_DATA) ] && $(CAN_APT); then \
+		$(APT_INSTALL) dataset-fashion-mnist; \
 	fi
+
+browser:
+	@if ! command -v chromium >/dev/null && $(CAN_APT); then $(APT_INSTALL) chromium; fi
 
 sweep: setup data
 	$(PY) -m gpool.train -m experiment=quick pool=avg,max seed=0,1,2
+	$(PY) -m gpool.compare
 
-test: setup data
+test: setup data browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest

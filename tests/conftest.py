@@ -47,20 +47,32 @@ def write_split(directory: Path, split: str, n: int, seed: int, gz: bool = False
             (directory / name).write_bytes(payload)
 
 
-@pytest.fixture
-def idx_root(tmp_path: Path) -> Path:
+def make_idx_root(directory: Path) -> Path:
     """A data root holding a small FashionMNIST (512 train / 256 test) in torchvision's layout."""
-    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw = directory / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     write_split(raw, "train", 512, seed=1)
     write_split(raw, "test", 256, seed=2)
-    return tmp_path / "data"
+    return directory / "data"
+
+
+@pytest.fixture
+def idx_root(tmp_path: Path) -> Path:
+    return make_idx_root(tmp_path)
 
 
 def gpool_env(data_root: Path) -> dict[str, str]:
     env = dict(os.environ, GPOOL_DATA=str(data_root), PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+SHORT = (
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.eval_batch_size=100",
+    "trainer.limit_val_batches=1",
+)
 
 
 def run_gpool(

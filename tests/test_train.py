@@ -6,20 +6,13 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import run_gpool
+from conftest import SHORT, run_gpool
 from hydra import compose, initialize_config_dir
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 import gpool
-
-SHORT = (
-    "trainer.epochs=2",
-    "trainer.limit_train_batches=3",
-    "trainer.eval_batch_size=100",
-    "trainer.limit_val_batches=1",
-)
 
 
 def runs_in(tmp_path: Path) -> list[Run]:

@@ -1,0 +1,309 @@
+"""`python -m gpool.compare`: is one head really better? Statistics across seeds from MLflow.
+
+Reads a sweep's runs through MLflow's query API, groups them by the factors the sweep varied
+(all but the seed), and reports per group the final and best validation accuracy with a 95 %
+confidence interval, Welch's t-test between groups, and a verdict that says "not
+significant" when it is not. The table (Markdown, CSV) and a mean ± std curve figure are
+written to disk and logged on the sweep's parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from gpool import PROJECT_ROOT, GpoolError  # noqa: E402
+from gpool.tracking import ROLE_TAG, child_runs  # noqa: E402
+
+GROUP_TAGS = ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
+#: Params that differ between runs without being a factor of the comparison.
+NOT_FACTORS = {"seed", "mlflow.run_name"}
+ALPHA = 0.05
+
+
+@dataclass
+class RunCurves:
+    """One run's accuracy per epoch."""
+
+    run: Run
+    val_acc: list[float]
+    train_acc: list[float]
+
+    @property
+    def final(self) -> float:
+        return self.val_acc[-1]
+
+    @property
+    def best(self) -> float:
+        return max(self.val_acc)
+
+    @property
+    def best_epoch(self) -> int:
+        return int(np.argmax(self.val_acc)) + 1
+
+
+@dataclass
+class Group:
+    name: str
+    runs: list[RunCurves]
+
+    def values(self, attr: str) -> np.ndarray:
+        return np.array([getattr(r, attr) for r in self.runs])
+
+
+def mean_std_ci(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean, sample std and the half-width of the t-based 95 % confidence interval."""
+    n = len(values)
+    if n < 2:
+        return float(values.mean()), math.nan, math.nan
+    std = float(values.std(ddof=1))
+    return float(values.mean()), std, float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+
+
+def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Welch's t statistic and two-sided p-value; NaN when either side has < 2 runs."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    result = stats.ttest_ind(a, b, equal_var=False)
+    return float(result.statistic), float(result.pvalue)
+
+
+def factors(runs: Sequence[Run]) -> list[str]:
+    """What the runs differ in besides the seed: config group choices (tags) first, then
+    any other param, leaving out params that merely follow a varied group."""
+
+    def varies(values: list[str | None]) -> bool:
+        return len(set(values)) > 1
+
+    groups = [g for g in GROUP_TAGS if varies([r.data.tags.get(g) for r in runs])]
+    keys = sorted(set().union(*(r.data.params for r in runs)) - NOT_FACTORS)
+    params = [
+        k
+        for k in keys
+        if varies([r.data.params.get(k) for r in runs])
+        and not any(k.startswith(f"{g}.") for g in groups)
+    ]
+    return groups + params
+
+
+def group_name(run: Run, names: Sequence[str]) -> str:
+    if not names:
+        return "all runs"
+    return " ".join(
+        f"{n}={run.data.tags[n] if n in GROUP_TAGS else run.data.params.get(n)}" for n in names
+    )
+
+
+def fetch_curves(client: MlflowClient, run: Run) -> RunCurves:
+    def series(key: str) -> list[float]:
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        return [m.value for m in history]
+
+    return RunCurves(run, series("val_acc"), series("train_acc"))
+
+
+def select_runs(
+    client: MlflowClient, experiment: str, parent: str | None, filter_string: str | None
+) -> tuple[Run | None, list[Run]]:
+    """(parent run or None, FINISHED job runs) for the selection the options describe."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise GpoolError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}")
+    if parent is None and filter_string is None:
+        latest = client.search_runs(
+            [exp.experiment_id],
+            f"tags.`{ROLE_TAG}` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not latest:
+            raise GpoolError(
+                f"no sweep in experiment {experiment!r} at {client.tracking_uri}: run "
+                "`python -m gpool.train -m pool=avg,max seed=0,1,2` first, or pass --filter"
+            )
+        parent = latest[0].info.run_id
+    if parent is not None:
+        runs = child_runs(client, parent)
+    else:
+        runs = [
+            r
+            for r in client.search_runs([exp.experiment_id], filter_string, max_results=10000)
+            if ROLE_TAG not in r.data.tags
+        ]
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if not finished:
+        raise GpoolError("no FINISHED runs to compare in that selection")
+    return (client.get_run(parent) if parent else None), finished
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
+    rows = []
+    for g in groups:
+        final, final_std, ci = mean_std_ci(g.values("final") * 100)
+        best, best_std, _ = mean_std_ci(g.values("best") * 100)
+        rows.append(
+            {
+                "group": g.name,
+                "n": len(g.runs),
+                "final_val_acc_mean": final,
+                "final_val_acc_std": final_std,
+                "ci95_low": final - ci,
+                "ci95_high": final + ci,
+                "best_val_acc_mean": best,
+                "best_val_acc_std": best_std,
+                "best_epoch_mean": float(g.values("best_epoch").mean()),
+            }
+        )
+    return rows
+
+
+def pairwise_rows(groups: Sequence[Group]) -> list[dict[str, str | float]]:
+    rows = []
+    for a, b in itertools.combinations(groups, 2):
+        t, p = welch(a.values("final"), b.values("final"))
+        diff = (a.values("final").mean() - b.values("final").mean()) * 100
+        rows.append({"a": a.name, "b": b.name, "diff_points": diff, "t": t, "p": p})
+    return rows
+
+
+def verdict(groups: Sequence[Group], pairs: Sequence[dict]) -> str:
+    if len(groups) < 2:
+        return f"only one group ({groups[0].name}): nothing to compare"
+    ranked = sorted(groups, key=lambda g: g.values("final").mean(), reverse=True)
+    top, second = ranked[0], ranked[1]
+    pair = next(p for p in pairs if {p["a"], p["b"]} == {top.name, second.name})
+    diff = abs(pair["diff_points"])
+    head = f"{top.name} leads {second.name} by {diff:.2f} points of final val acc"
+    if math.isnan(pair["p"]):
+        return f"{head}; no test possible (needs >= 2 seeds per group): not significant"
+    if pair["p"] < ALPHA:
+        return f"{head} (Welch p={pair['p']:.3g}): significant at {ALPHA}"
+    return f"{head} (Welch p={pair['p']:.3g}): not significant at {ALPHA}"
+
+
+def markdown(summary: Sequence[dict], pairs: Sequence[dict], line: str) -> str:
+    out = [
+        "| group | n | final val acc % (mean ± std) | 95 % CI | best val acc % (mean ± std) "
+        "| epoch of best |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in summary:
+        out.append(
+            f"| {r['group']} | {r['n']} | {fmt(r['final_val_acc_mean'])} ± "
+            f"{fmt(r['final_val_acc_std'])} | [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}] | "
+            f"{fmt(r['best_val_acc_mean'])} ± {fmt(r['best_val_acc_std'])} | "
+            f"{r['best_epoch_mean']:.1f} |"
+        )
+    if pairs:
+        out += ["", "| A | B | A − B (points) | Welch t | p |", "| --- | --- | --- | --- | --- |"]
+        out += [
+            f"| {p['a']} | {p['b']} | {p['diff_points']:+.2f} | {fmt(p['t'])} | {fmt(p['p'], 4)} |"
+            for p in pairs
+        ]
+    return "\n".join(out + ["", f"Verdict: {line}", ""])
+
+
+def plot_groups(groups: Sequence[Group], path: Path) -> Path:
+    """Validation and training accuracy per epoch: each group's mean with a ±std band."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, attr, title in ((axes[0], "val_acc", "validation"), (axes[1], "train_acc", "training")):
+        for g in groups:
+            length = min(len(getattr(r, attr)) for r in g.runs)
+            curves = np.array([getattr(r, attr)[:length] for r in g.runs]) * 100
+            epochs = np.arange(1, length + 1)
+            mean = curves.mean(0)
+            std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{g.name} (n={len(g.runs)})")
+            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{title} accuracy, mean ± std over seeds")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def mlflow_defaults() -> tuple[str, str]:
+    """The tracking URI and experiment `gpool.train` would use, from the same config."""
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config")
+    return cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parent", help="parent run id of a sweep (default: the latest sweep)")
+    parser.add_argument(
+        "--filter",
+        dest="filter_string",
+        help="MLflow filter string over the experiment's runs, e.g. "
+        "\"tags.dataset = 'fashion_mnist'\"",
+    )
+    parser.add_argument("--experiment", help="experiment name (default: the config's)")
+    parser.add_argument("--tracking-uri", help="default: the config's mlflow.tracking_uri")
+    parser.add_argument(
+        "--out", type=Path, help="folder for the table and figure (default: runs/compare/<id>)"
+    )
+    args = parser.parse_args(argv)
+    default_uri, default_experiment = mlflow_defaults()
+    client = MlflowClient(args.tracking_uri or default_uri)
+    parent, runs = select_runs(
+        client, args.experiment or default_experiment, args.parent, args.filter_string
+    )
+    names = factors(runs)
+    curves = [fetch_curves(client, r) for r in runs]
+    by_group: dict[str, list[RunCurves]] = {}
+    for c in curves:
+        by_group.setdefault(group_name(c.run, names), []).append(c)
+    groups = [Group(name, members) for name, members in sorted(by_group.items())]
+    summary, pairs = summary_rows(groups), pairwise_rows(groups)
+    line = verdict(groups, pairs)
+    table = markdown(summary, pairs, line)
+
+    out = args.out or PROJECT_ROOT / "runs" / "compare" / (
+        parent.info.run_id if parent else "selection"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table)
+    with (out / "comparison.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    figure = plot_groups(groups, out / "comparison.png")
+    if parent is not None:
+        for path in (out / "comparison.md", out / "comparison.csv", figure):
+            client.log_artifact(parent.info.run_id, str(path), "comparison")
+    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
+    print(f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}\n")
+    print(table)
+    print(f"written to {out}")
+    return line
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except GpoolError as err:
+        sys.exit(f"gpool.compare: {err}")
