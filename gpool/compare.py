@@ -126,18 +126,27 @@ def select_runs(
     if exp is None:
         raise GpoolError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}")
     if parent is None and filter_string is None:
-        latest = client.search_runs(
+        # The newest sweep with finished jobs: a rerun whose jobs were all skipped has none.
+        sweeps = client.search_runs(
             [exp.experiment_id],
             f"tags.`{ROLE_TAG}` = 'sweep'",
             order_by=["attributes.start_time DESC"],
-            max_results=1,
+            max_results=50,
         )
-        if not latest:
+        parent = next(
+            (
+                s.info.run_id
+                for s in sweeps
+                if any(c.info.status == "FINISHED" for c in child_runs(client, s.info.run_id))
+            ),
+            None,
+        )
+        if parent is None:
             raise GpoolError(
-                f"no sweep in experiment {experiment!r} at {client.tracking_uri}: run "
-                "`python -m gpool.train -m pool=avg,max seed=0,1,2` first, or pass --filter"
+                f"no sweep with finished runs in experiment {experiment!r} at "
+                f"{client.tracking_uri}: run `python -m gpool.train -m pool=avg,max "
+                "seed=0,1,2` first, or pass --filter"
             )
-        parent = latest[0].info.run_id
     if parent is not None:
         runs = child_runs(client, parent)
     else:

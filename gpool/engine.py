@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +33,34 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(GpoolError):
     """The training loss became NaN or infinite; training further would only log garbage."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training between two steps; the last epoch's checkpoint
+    stands. A KeyboardInterrupt, so that the run is marked KILLED and the sweep stops."""
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only record the signal; the training loop checks it
+    between steps, so a run never stops half-way through an optimiser step or a checkpoint
+    write. Outside the main thread (where handlers cannot be set) it does nothing."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -63,6 +95,64 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    generator: torch.Generator,
+    history: list[EpochResult],
+) -> None:
+    """Everything needed to continue bit for bit: weights, optimiser and scheduler state,
+    the shuffling generator, the global RNGs and the epochs so far. Written to a temporary
+    file and renamed, so a kill mid-write leaves the previous checkpoint intact."""
+    state = {
+        "epoch": len(history),
+        "history": [asdict(r) for r in history],
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy_rng": np.random.get_state(),
+        "python_rng": random.getstate(),
+    }
+    partial = path.with_name(f"{path.name}.tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint gpool wrote (it holds NumPy and Python RNG states, so it is not a
+    weights-only file: load only gpool's own checkpoints)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    generator: torch.Generator,
+) -> list[EpochResult]:
+    """Load a checkpoint's state into live objects; returns the epochs already done."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+    return [
+        EpochResult(**{**r, "step_losses": [tuple(s) for s in r["step_losses"]]})
+        for r in state["history"]
+    ]
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present, so one config serves laptops and GPU nodes."""
     if device == "auto":
@@ -88,6 +178,8 @@ class Trainer:
         channels_last: bool = True,
         precision: str = "32",
         compile: bool = False,
+        threads: int | None = None,
+        resume: bool = True,
     ) -> None:
         if precision not in ("32", "bf16"):
             raise ValueError(f"trainer.precision must be '32' or 'bf16', not {precision!r}")
@@ -104,6 +196,9 @@ class Trainer:
         self.channels_last = channels_last
         self.precision = precision
         self.compile = compile
+        self.resume = resume
+        if threads:
+            torch.set_num_threads(threads)
 
     def autocast(self) -> torch.autocast:
         """bf16 autocast for the forward pass when precision is 'bf16'; a no-op otherwise."""
@@ -131,11 +226,16 @@ class Trainer:
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
         on_epoch: Callable[[EpochResult], None] | None = None,
+        checkpoint: Path | None = None,
+        resume: Mapping[str, Any] | None = None,
     ) -> list[EpochResult]:
         """Train for `epochs`, calling `on_epoch` after each with what it measured.
 
         `scheduler` is a partial of a torch lr scheduler; a per-step one ('step' interval)
-        also receives steps_per_epoch.
+        also receives steps_per_epoch. After `on_epoch`, the whole training state is written
+        to `checkpoint`; passing that state back as `resume` continues with the next epoch
+        exactly as if the run had not stopped. SIGINT/SIGTERM stop the run at the next
+        step boundary with RunInterrupted.
         """
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(
@@ -150,57 +250,88 @@ class Trainer:
         # (its state_dict has no `_orig_mod.` prefix). Compile time lands in epoch 1.
         run_model = torch.compile(model) if self.compile else model
         history: list[EpochResult] = []
-        for epoch in range(1, self.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            start = time.perf_counter()
-            loss_sum, correct, seen, samples = self._train_epoch(
-                run_model,
-                optimizer,
-                data,
-                generator,
-                steps,
-                epoch,
-                scheduler if scheduler_interval == "step" else None,
-            )
-            if scheduler is not None and scheduler_interval == "epoch":
-                scheduler.step()
-            train_loss = loss_sum.item() / seen
-            if not math.isfinite(train_loss):
-                raise NonFiniteLossError(
-                    f"training loss became {train_loss} in epoch {epoch}: lower optimizer.lr "
-                    "or check the data"
+        if resume is not None:
+            history = restore(resume, model, optimizer, scheduler, generator)
+            log.info("resuming after epoch %d", len(history))
+        with StopOnSignal() as stop:
+            for epoch in range(len(history) + 1, self.epochs + 1):
+                result = self._epoch(
+                    run_model,
+                    optimizer,
+                    data,
+                    generator,
+                    steps,
+                    epoch,
+                    scheduler,
+                    scheduler_interval,
+                    stop,
                 )
-            train_acc = correct.item() / seen
-            if self.train_eval_pass:
-                train_loss, train_acc = self.evaluate(run_model, data, data.train, limit=steps)
-            val_loss, val_acc = self.evaluate(
-                run_model, data, data.val, limit=self.limit_val_batches
-            )
-            result = EpochResult(
-                epoch=epoch,
-                train_loss=train_loss,
-                train_acc=train_acc,
-                val_loss=val_loss,
-                val_acc=val_acc,
-                lr=lr,
-                epoch_seconds=time.perf_counter() - start,
-                step_losses=[(step, loss.item()) for step, loss in samples],
-            )
-            log.info(
-                "epoch %d/%d training_loss: %.4f training_accuracy: %.4f "
-                "validation_loss: %.4f validation_accuracy: %.4f (%.1f s)",
-                epoch,
-                self.epochs,
-                train_loss,
-                train_acc,
-                val_loss,
-                val_acc,
-                result.epoch_seconds,
-            )
-            history.append(result)
-            if on_epoch is not None:
-                on_epoch(result)
+                history.append(result)
+                if on_epoch is not None:
+                    on_epoch(result)
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, model, optimizer, scheduler, generator, history)
         return history
+
+    def _epoch(
+        self,
+        run_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: ImageData,
+        generator: torch.Generator,
+        steps: int,
+        epoch: int,
+        scheduler: Any | None,
+        scheduler_interval: str,
+        stop: StopOnSignal,
+    ) -> EpochResult:
+        """Train one epoch, then measure it."""
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        loss_sum, correct, seen, samples = self._train_epoch(
+            run_model,
+            optimizer,
+            data,
+            generator,
+            steps,
+            epoch,
+            scheduler if scheduler_interval == "step" else None,
+            stop,
+        )
+        if scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"training loss became {train_loss} in epoch {epoch}: lower optimizer.lr "
+                "or check the data"
+            )
+        train_acc = correct.item() / seen
+        if self.train_eval_pass:
+            train_loss, train_acc = self.evaluate(run_model, data, data.train, limit=steps)
+        val_loss, val_acc = self.evaluate(run_model, data, data.val, limit=self.limit_val_batches)
+        result = EpochResult(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            lr=lr,
+            epoch_seconds=time.perf_counter() - start,
+            step_losses=[(step, loss.item()) for step, loss in samples],
+        )
+        log.info(
+            "epoch %d/%d training_loss: %.4f training_accuracy: %.4f "
+            "validation_loss: %.4f validation_accuracy: %.4f (%.1f s)",
+            epoch,
+            self.epochs,
+            train_loss,
+            train_acc,
+            val_loss,
+            val_acc,
+            result.epoch_seconds,
+        )
+        return result
 
     def _train_epoch(
         self,
@@ -211,6 +342,7 @@ class Trainer:
         steps: int,
         epoch: int,
         step_scheduler: Any | None,
+        stop: StopOnSignal,
     ) -> tuple[Tensor, Tensor, int, list[tuple[int, Tensor]]]:
         """One pass; returns device-side loss sum and correct count, the sample count and
         the sampled per-step losses (still tensors: read after the epoch)."""
@@ -224,6 +356,11 @@ class Trainer:
         first_step = (epoch - 1) * steps
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=None)
         for i in bar:
+            if stop.signal is not None:
+                raise RunInterrupted(
+                    f"stopped by {stop.signal.name} in epoch {epoch}; rerun the same command "
+                    f"to resume after epoch {epoch - 1}"
+                )
             x, y = data.batch(data.train, order[i * self.batch_size : (i + 1) * self.batch_size])
             with self.autocast():
                 logits = model(x)

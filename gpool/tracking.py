@@ -7,10 +7,15 @@ depends on process-global MLflow state left by the job before it in a multirun.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import logging
 import os
+import socket
 import subprocess
+import tempfile
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from gpool import PROJECT_ROOT
+from gpool import PROJECT_ROOT, GpoolError
 from gpool.engine import EpochResult
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,10 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 #: Tag that marks a sweep's parent run (value "sweep").
 ROLE_TAG = "gpool.role"
+#: Tag holding config_hash(): how a rerun finds the run of the same config.
+HASH_TAG = "gpool.config_hash"
+#: Tag holding the path of the run's latest checkpoint.
+CHECKPOINT_TAG = "gpool.checkpoint"
 #: How a multirun's jobs, in this process or in launcher-started ones, find their parent run.
 PARENT_RUN_ENV = "GPOOL_PARENT_RUN_ID"
 MAX_PARAMS_PER_BATCH = 100
@@ -60,12 +69,28 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(parsed.path) if parsed.scheme == "sqlite" else None
 
 
+def check_reachable(tracking_uri: str) -> None:
+    """Fail fast with one message when a tracking server does not answer; MLflow's own
+    client would retry for minutes first."""
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10)
+    except OSError as err:
+        raise GpoolError(
+            f"MLflow tracking server {tracking_uri} is unreachable ({err}); start it "
+            "(`mlflow server --host 127.0.0.1 --port PORT ...`) or point "
+            "mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere"
+        ) from None
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Create (and for sqlite, migrate) the store and the experiment; return its id.
 
     Run once before any job: several processes opening a fresh sqlite store at once each
     run the schema migration and corrupt it.
     """
+    check_reachable(tracking_uri)
     db = sqlite_path(tracking_uri)
     artifact_location = None
     if db is not None:
@@ -79,10 +104,24 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
 
 
-class SweepTracking(Callback):
-    """Hydra callback, run in the launching process.
+def check_writable(folder: Path, key: str) -> None:
+    """Fail with one message, before anything is logged, when outputs cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise GpoolError(
+            f"cannot write the output folder {folder} ({err.strerror}); choose another with "
+            f"{key}=..."
+        ) from None
 
-    Prepares the MLflow store before any job starts and, for a multirun, opens one parent
+
+class SweepTracking(Callback):
+    """Hydra callback, run in the launching process, before any job.
+
+    Checks that the output folder is writable and prepares the MLflow store before any job
+    starts (see ensure_experiment) and, for a multirun, opens one parent
     run that every job's run nests under. Jobs learn the parent's id from the environment
     variable PARENT_RUN_ENV, which processes started by other launchers inherit. The parent
     ends FINISHED when every child did, FAILED otherwise (also when Hydra stops on a failed
@@ -90,37 +129,52 @@ class SweepTracking(Callback):
     """
 
     def __init__(self) -> None:
-        self.parent: tuple[MlflowClient, str] | None = None
+        # (tracking URI, run id): plain strings, as launchers pickle callbacks to workers.
+        self.parent: tuple[str, str] | None = None
+
+    @staticmethod
+    def prepare(config: DictConfig, output_dir: str, key: str) -> str:
+        """Check the outputs and the store; stop the whole command on a problem.
+
+        Hydra turns exceptions raised in callbacks into warnings and carries on, so a
+        problem found here ends the process with its one-line message instead.
+        """
+        try:
+            check_writable(Path(output_dir), key)
+            return ensure_experiment(config.mlflow.tracking_uri, config.mlflow.experiment_name)
+        except GpoolError as err:
+            raise SystemExit(f"gpool: {err}") from None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        ensure_experiment(config.mlflow.tracking_uri, config.mlflow.experiment_name)
+        self.prepare(config, config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        experiment_id = self.prepare(config, config.hydra.sweep.dir, "hydra.sweep.dir")
         tracking_uri = config.mlflow.tracking_uri
-        experiment_id = ensure_experiment(tracking_uri, config.mlflow.experiment_name)
         overrides = " ".join(config.hydra.overrides.task)
         client = MlflowClient(tracking_uri)
         tags = {ROLE_TAG: "sweep", "sweep_dir": str(config.hydra.sweep.dir), "overrides": overrides}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
         run = client.create_run(experiment_id, run_name=f"sweep {overrides}".strip(), tags=tags)
-        self.parent = (client, run.info.run_id)
+        self.parent = (tracking_uri, run.info.run_id)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
-        atexit.register(self.close_parent)
+        atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
         log.info("MLflow sweep run %s: %s", run.info.run_id, overrides)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.close_parent()
+        self.close_parent(completed=True)
 
-    def close_parent(self) -> None:
-        """End the parent run: FINISHED if it has children and all of them FINISHED."""
+    def close_parent(self, completed: bool = False) -> None:
+        """End the parent run: FINISHED when Hydra completed the sweep and every child run
+        FINISHED (a rerun whose jobs were all skipped has none), FAILED otherwise."""
         if self.parent is None:
             return
-        client, run_id = self.parent
+        tracking_uri, run_id = self.parent
+        client = MlflowClient(tracking_uri)
         self.parent = None
         os.environ.pop(PARENT_RUN_ENV, None)
-        children = child_runs(client, run_id)
-        ok = children and all(c.info.status == "FINISHED" for c in children)
+        ok = completed and all(c.info.status == "FINISHED" for c in child_runs(client, run_id))
         client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
@@ -133,6 +187,50 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
         order_by=["attributes.start_time ASC"],
         max_results=10000,
     )
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A fingerprint of what determines a run's result: the resolved config without where
+    things are logged or stored and without settings that only affect speed or resuming."""
+    trimmed = {k: v for k, v in config.items() if k not in ("mlflow", "data_dir")}
+    trimmed["trainer"] = {
+        k: v for k, v in config["trainer"].items() if k not in ("threads", "resume")
+    }
+    return hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def previous_run(tracking_uri: str, experiment_name: str, fingerprint: str) -> Run | None:
+    """The newest run of the same config: a FINISHED one first, else the newest of any."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{HASH_TAG}` = '{fingerprint}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or runs or [None])[0]
+
+
+def is_alive(run: Run) -> bool:
+    """Whether a RUNNING run's process still lives; a SIGKILL'd one left RUNNING does not.
+    A process on another host cannot be checked and counts as alive."""
+    tags = run.data.tags
+    if tags.get("gpool.host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(tags.get("gpool.pid", "0")), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return int(tags["gpool.pid"]) != os.getpid()
+
+
+def mark_killed(tracking_uri: str, run_id: str) -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, "KILLED")
 
 
 def git_commit() -> str | None:
@@ -156,6 +254,7 @@ class Tracker:
         run_name: str,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
+        resume_run_id: str | None = None,
     ) -> None:
         self.seconds = 0.0  # spent in MLflow calls; logged as `mlflow_seconds` at the end
         start = time.perf_counter()
@@ -169,7 +268,8 @@ class Tracker:
             self.tags["mlflow.source.git.commit"] = commit
         if parent := os.environ.get(PARENT_RUN_ENV):
             self.tags["mlflow.parentRunId"] = parent
-        self.run_id = ""
+        self.tags.update({"gpool.host": socket.gethostname(), "gpool.pid": str(os.getpid())})
+        self.run_id = resume_run_id or ""
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call an MlflowClient method, adding its time to `seconds`."""
@@ -180,6 +280,12 @@ class Tracker:
             self.seconds += time.perf_counter() - start
 
     def __enter__(self) -> Tracker:
+        if self.run_id:  # resuming: same run, same params; it is RUNNING again, here
+            self._call("update_run", self.run_id, status="RUNNING")
+            for key, value in self.tags.items():
+                self._call("set_tag", self.run_id, key, value)
+            log.info("MLflow run %s (%s) resumed", self.run_id, self.run_name)
+            return self
         run = self._call("create_run", self.experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in self.params.items()]

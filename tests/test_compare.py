@@ -102,7 +102,8 @@ def test_compare_without_a_sweep_says_what_to_run(tmp_path: Path, idx_root: Path
     assert run_gpool(tmp_path, idx_root, *SHORT).returncode == 0  # a single run, no sweep
     proc = compare(tmp_path, tmp_path / "out")
     assert proc.returncode == 1
-    assert "no sweep in experiment 'gpool'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no sweep with finished runs in experiment 'gpool'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def free_port() -> int:

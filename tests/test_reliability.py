@@ -1,0 +1,191 @@
+"""Sweeps that survive: parallel jobs on a fresh store, kills and resumes, skips, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHORT, gpool_env, run_gpool, write_split
+from mlflow.tracking import MlflowClient
+from test_compare import free_port
+
+from gpool.tracking import ROLE_TAG
+
+LONG = ("trainer.epochs=8", "trainer.log_every_n_steps=10")
+
+
+def client(tmp: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+
+
+def job_runs(tmp: Path):
+    c = client(tmp)
+    experiment = c.get_experiment_by_name("gpool")
+    runs = c.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
+    return [r for r in runs if ROLE_TAG not in r.data.tags]
+
+
+def history(tmp: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client(tmp).get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def big_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4096 training images: epochs long enough (about half a second) to be killed in."""
+    root = tmp_path_factory.mktemp("big")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_split(raw, "train", 4096, seed=5)
+    write_split(raw, "test", 256, seed=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, big_root: Path) -> dict:
+    """Metrics of the run that the killed-and-resumed ones must reproduce exactly."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = run_gpool(tmp, big_root, *LONG)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = job_runs(tmp)
+    return {k: history(tmp, run.info.run_id, k) for k in ("val_acc", "val_loss", "train_loss")}
+
+
+def start_and_kill(tmp: Path, data: Path, sig: signal.Signals) -> subprocess.Popen[str]:
+    """Start a run, wait for its first checkpoint, send `sig` while it trains on."""
+    args = [
+        sys.executable,
+        "-m",
+        "gpool.train",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        f"hydra.run.dir={tmp}/single",
+        *LONG,
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp,
+        env=gpool_env(data),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    checkpoint = tmp / "single" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_into_the_same_run_with_identical_metrics(
+    sig: signal.Signals, tmp_path: Path, big_root: Path, uninterrupted: dict
+) -> None:
+    proc = start_and_kill(tmp_path, big_root, sig)
+    assert proc.returncode != 0
+    (killed,) = job_runs(tmp_path)
+    stopped_after = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 1 <= stopped_after < 8, "the run should have been stopped mid-way"
+    if sig == signal.SIGTERM:
+        assert killed.info.status == "KILLED"
+        assert "stopped by SIGTERM" in proc.stderr.read()
+    else:
+        assert killed.info.status == "RUNNING"  # SIGKILL: nobody could mark it
+
+    proc = run_gpool(tmp_path, big_root, *LONG)  # the same command again
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming after epoch {stopped_after}" in proc.stdout
+    (resumed,) = job_runs(tmp_path)
+    assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    for key, expected in uninterrupted.items():
+        assert history(tmp_path, resumed.info.run_id, key) == expected, key
+
+
+def test_rerun_skips_finished_jobs_and_resume_false_retrains(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    args = ("pool=avg,max", *SHORT)
+    assert run_gpool(tmp_path, idx_root, *args, multirun=True).returncode == 0
+    first = {r.info.run_id for r in job_runs(tmp_path)}
+    proc = run_gpool(tmp_path, idx_root, *args, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("skipping pool=") == 2 and "epoch 1/2" not in proc.stdout
+    assert {r.info.run_id for r in job_runs(tmp_path)} == first
+    sweeps = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert [s.info.status for s in sweeps] == ["FINISHED", "FINISHED"]
+    proc = run_gpool(tmp_path, idx_root, "pool=avg", *SHORT, "trainer.resume=false")
+    assert proc.returncode == 0 and "epoch 2/2" in proc.stdout
+    assert len(job_runs(tmp_path)) == 3
+
+
+def test_parallel_sweep_on_a_fresh_store_loses_nothing(tmp_path: Path, idx_root: Path) -> None:
+    assert not (tmp_path / "mlflow.db").exists()
+    proc = run_gpool(
+        tmp_path,
+        idx_root,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=4",
+        "pool=avg,max",
+        "seed=range(8)",
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.eval_batch_size=100",
+        "trainer.limit_val_batches=1",
+        multirun=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "database is locked" not in proc.stderr + proc.stdout
+    runs = job_runs(tmp_path)
+    assert len(runs) == 16 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {(r.data.tags["pool"], r.data.tags["seed"]) for r in runs} == {
+        (p, str(s)) for p in ("avg", "max") for s in range(8)
+    }
+    (parent,) = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert {r.data.params["trainer.threads"] for r in runs} == {str(max(1, os.cpu_count() // 4))}
+    for run in runs:
+        assert [s for s, _ in history(tmp_path, run.info.run_id, "val_acc")] == [1]
+
+
+def test_unreachable_tracking_server_is_one_clear_error(tmp_path: Path, idx_root: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    proc = run_gpool(tmp_path, idx_root, *SHORT, f"mlflow.tracking_uri={uri}")
+    assert proc.returncode != 0
+    assert f"MLflow tracking server {uri} is unreachable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60  # no minutes of client retries
+
+
+def test_unwritable_output_dir_fails_before_any_run(tmp_path: Path, idx_root: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should go")
+    proc = run_gpool(tmp_path, idx_root, *SHORT, f"hydra.run.dir={blocked}/run")
+    assert proc.returncode != 0
+    assert str(blocked) in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() or job_runs(tmp_path) == []
+
+
+def test_submitit_local_jobs_in_their_own_processes_nest_under_the_sweep(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    proc = run_gpool(
+        tmp_path, idx_root, "hydra/launcher=submitit_local", "pool=avg,max", *SHORT, multirun=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = job_runs(tmp_path)
+    assert sorted(r.data.tags["pool"] for r in runs) == ["avg", "max"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["gpool.pid"] for r in runs} | {str(os.getpid())}) == 3
+    (parent,) = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"
