@@ -35,6 +35,6 @@ def class_maps(model: nn.Module, data: ImageData, index: Tensor) -> tuple[Tensor
     device = data.val.images.device
     x, _ = data.batch(data.val, index.to(device))
     maps = model.class_maps(x)
-    predicted = model.pool(maps).argmax(1)
+    predicted = model.head(model.pool(maps)).argmax(1)
     images = data.val.images[index.to(device)].float() / 255
     return images.cpu(), maps.float().cpu(), predicted.cpu()

@@ -41,6 +41,10 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.pool = pool
+        # A head that returns more than one value per class (catavgmax) gets a learned
+        # linear map back to one score per class; the others feed scores straight out.
+        factor = getattr(pool, "width_factor", 1)
+        self.head = nn.Linear(factor * num_classes, num_classes) if factor > 1 else nn.Identity()
         self.output_activation = output_activation
 
     def class_maps(self, x: Tensor) -> Tensor:
@@ -48,7 +52,7 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        scores = self.pool(self.class_maps(x))
+        scores = self.head(self.pool(self.class_maps(x)))
         return torch.sigmoid(scores) if self.output_activation == "sigmoid" else scores
 
     def initialise(self, scheme: str) -> None:
@@ -59,6 +63,6 @@ class ConvNet(nn.Module):
         if scheme != "xavier":
             raise ValueError(f"trainer.init must be 'default' or 'xavier', not {scheme!r}")
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.Conv2d | nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.constant_(module.bias, 0.01)

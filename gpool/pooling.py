@@ -1,9 +1,14 @@
-"""Global pooling heads: each turns [N, C, H, W] class maps into [N, C] class scores.
+"""Global pooling heads: each turns [N, C, H, W] class maps into [N, C] class scores
+(or [N, width_factor * C] values, which the model maps back to C scores).
 
 Heads reduce over the spatial dims directly rather than with a fixed-size pooling kernel,
 so they work for every input size and stay deterministic on CUDA.
 """
 
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -19,3 +24,75 @@ class GlobalMaxPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.amax((2, 3))
+
+
+class GlobalAvgMaxPool(nn.Module):
+    """y = (GAP(x) + GMP(x)) / 2: the mean's smooth credit plus the peak's sharp evidence."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+
+
+class GlobalCatAvgMaxPool(nn.Module):
+    """y = [GAP(x), GMP(x)] concatenated: [N, 2C]. `width_factor` tells the model to map the
+    2C values back to C class scores with a learned linear layer."""
+
+    width_factor = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat((x.mean((2, 3)), x.amax((2, 3))), dim=1)
+
+
+class GeMPool(nn.Module):
+    """Generalised mean: y = (mean over (h, w) of clamp(x, eps)^p)^(1/p), p learnable.
+
+    p = 1 is GAP (of the clamped maps), p -> inf tends to GMP; p starts at 3. Computed
+    relative to each map's peak, so a large p never overflows.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Scaled by the peak so that x^p stays <= 1: (mean x^p)^(1/p) = m (mean (x/m)^p)^(1/p)
+        x = x.clamp(min=self.eps)
+        peak = x.amax((2, 3), keepdim=True)
+        return peak.flatten(1) * (x / peak).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
+
+
+class LSEPool(nn.Module):
+    """Log-sum-exp pooling: y = (1/r) log(mean over (h, w) of exp(r x)), r learnable.
+
+    r -> 0 tends to GAP, r -> inf to GMP. Computed with logsumexp, so large r x never
+    overflows; r is kept positive as softplus of a free parameter.
+    """
+
+    def __init__(self, r: float = 1.0) -> None:
+        super().__init__()
+        # softplus^-1(r), so that the effective r starts at the configured value
+        self.raw_r = nn.Parameter(torch.tensor(math.log(math.expm1(float(r)))))
+
+    @property
+    def r(self) -> Tensor:
+        return F.softplus(self.raw_r)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.r
+        flat = x.flatten(2)
+        return (torch.logsumexp(r * flat, dim=2) - math.log(flat.shape[2])) / r
+
+
+class AttentionPool(nn.Module):
+    """Learned spatial softmax weighting: a 1x1 conv scores every location from all class
+    maps, a softmax over (h, w) turns the scores into weights, and y[n, c] is the weighted
+    sum of map c. Uniform weights give GAP, one-hot weights GMP-like behaviour."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.score = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = torch.softmax(self.score(x).flatten(2), dim=2)  # [N, 1, HW]
+        return (x.flatten(2) * weights).sum(2)

@@ -52,7 +52,7 @@ def test_defaults_are_the_articles_network_and_optimiser() -> None:
 
 
 def test_groups_have_the_promised_options() -> None:
-    assert options("pool") == ["avg", "max"]
+    assert options("pool") == ["attention", "avg", "avgmax", "catavgmax", "gem", "lse", "max"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
     assert options("dataset") == ["cifar10", "fashion_mnist", "kmnist", "mnist"]
@@ -61,14 +61,26 @@ def test_groups_have_the_promised_options() -> None:
 
 @pytest.mark.parametrize("pool", options("pool"))
 @pytest.mark.parametrize("hw", [(1, 1), (3, 3), (4, 7), (28, 28)])
-def test_heads_give_one_score_per_class_for_any_map_size(pool: str, hw: tuple[int, int]) -> None:
+def test_heads_work_for_any_map_size(pool: str, hw: tuple[int, int]) -> None:
     head = instantiate(make_cfg(f"pool={pool}").pool)
     x = torch.randn(5, 10, *hw)
     y = head(x)
-    assert y.shape == (5, 10)
-    expected = x.mean((2, 3)) if pool == "avg" else x.flatten(2).max(2).values
-    torch.testing.assert_close(y, expected)
-    assert isinstance(head, {"avg": GlobalAvgPool, "max": GlobalMaxPool}[pool])
+    assert y.shape == (5, 10 * getattr(head, "width_factor", 1))
+    if pool in ("avg", "max"):
+        expected = x.mean((2, 3)) if pool == "avg" else x.flatten(2).max(2).values
+        torch.testing.assert_close(y, expected)
+        assert isinstance(head, {"avg": GlobalAvgPool, "max": GlobalMaxPool}[pool])
+
+
+@pytest.mark.parametrize("pool", options("pool"))
+def test_every_head_trains_inside_the_model(pool: str) -> None:
+    cfg = make_cfg(f"pool={pool}")
+    model = build_model(cfg)
+    model.initialise("xavier")
+    out = model(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10)
+    torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", options("optimizer"))

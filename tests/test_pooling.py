@@ -1,0 +1,55 @@
+"""The limits that define each pooling head, and gradients to their learnable parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from gpool.pooling import (
+    AttentionPool,
+    GeMPool,
+    GlobalAvgMaxPool,
+    GlobalCatAvgMaxPool,
+    LSEPool,
+)
+
+X = torch.randn(3, 10, 5, 6, generator=torch.Generator().manual_seed(0))
+
+
+def test_avgmax_and_catavgmax_combine_mean_and_peak() -> None:
+    mean, peak = X.mean((2, 3)), X.amax((2, 3))
+    torch.testing.assert_close(GlobalAvgMaxPool()(X), (mean + peak) / 2)
+    torch.testing.assert_close(GlobalCatAvgMaxPool()(X), torch.cat((mean, peak), 1))
+
+
+def test_gem_with_p_one_is_the_mean_and_grows_towards_the_max() -> None:
+    positive = X.abs() + 0.1
+    gem = GeMPool(p=1.0)
+    torch.testing.assert_close(gem(positive), positive.mean((2, 3)))
+    assert torch.allclose(GeMPool(p=200.0)(positive), positive.amax((2, 3)), rtol=0.02)
+    assert torch.isfinite(GeMPool(p=1000.0)(positive * 100)).all()  # no overflow
+    assert GeMPool().p.item() == 3.0  # the documented start
+
+
+def test_lse_tends_to_max_for_large_r_and_mean_for_small_r() -> None:
+    assert torch.allclose(LSEPool(r=500.0)(X), X.amax((2, 3)), atol=0.02)
+    torch.testing.assert_close(LSEPool(r=1e-2)(X), X.mean((2, 3)), atol=0.02, rtol=0)
+    huge = LSEPool(r=50.0)(X * 100)  # exp(5000 * x) would overflow without logsumexp
+    assert torch.isfinite(huge).all()
+
+
+def test_attention_with_flat_scores_is_the_mean() -> None:
+    head = AttentionPool(channels=10)
+    torch.nn.init.zeros_(head.score.weight)
+    torch.nn.init.zeros_(head.score.bias)
+    torch.testing.assert_close(head(X), X.mean((2, 3)))
+
+
+def test_gradients_reach_p_r_and_the_attention_scores() -> None:
+    for head, param in (
+        (GeMPool(), "p"),
+        (LSEPool(), "raw_r"),
+        (AttentionPool(channels=10), "score.weight"),
+    ):
+        head(X.abs() + 0.1).sum().backward()
+        grad = dict(head.named_parameters())[param].grad
+        assert grad is not None and grad.abs().sum() > 0, param
