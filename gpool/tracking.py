@@ -214,10 +214,23 @@ def previous_run(tracking_uri: str, experiment_name: str, fingerprint: str) -> R
     return (finished or runs or [None])[0]
 
 
+def slurm_job() -> str | None:
+    """This process's SLURM job (array job_task), which a requeued job keeps."""
+    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def is_alive(run: Run) -> bool:
     """Whether a RUNNING run's process still lives; a SIGKILL'd one left RUNNING does not.
-    A process on another host cannot be checked and counts as alive."""
+
+    A run started by this very SLURM job is a pre-empted earlier incarnation of it (dead);
+    on this host the pid tells; a process on another host cannot be checked and counts as
+    alive.
+    """
     tags = run.data.tags
+    if tags.get("gpool.slurm_job") and tags["gpool.slurm_job"] == slurm_job():
+        return False
     if tags.get("gpool.host") != socket.gethostname():
         return True
     try:
@@ -269,6 +282,8 @@ class Tracker:
         if parent := os.environ.get(PARENT_RUN_ENV):
             self.tags["mlflow.parentRunId"] = parent
         self.tags.update({"gpool.host": socket.gethostname(), "gpool.pid": str(os.getpid())})
+        if job := slurm_job():
+            self.tags["gpool.slurm_job"] = job
         self.run_id = resume_run_id or ""
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHORT, gpool_env, make_idx_root, run_gpool
+from conftest import SHORT, gpool_env, make_idx_root, mlflow_server, run_gpool
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
@@ -106,50 +104,11 @@ def test_compare_without_a_sweep_says_what_to_run(tmp_path: Path, idx_root: Path
     assert "Traceback" not in proc.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(sweep: Path) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 over the sweep's store."""
-    port = free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{sweep}/mlflow.db",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"mlflow server exited: {proc.stderr.read()}")
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not answer within 60 s")
+    with mlflow_server(f"sqlite:///{sweep}/mlflow.db", sweep / "served-artifacts") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def post(url: str, body: dict) -> dict:

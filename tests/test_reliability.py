@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHORT, gpool_env, run_gpool, write_split
+from conftest import SHORT, free_port, gpool_env, run_gpool, write_split
 from mlflow.tracking import MlflowClient
-from test_compare import free_port
 
 from gpool.tracking import ROLE_TAG
 
