@@ -35,6 +35,7 @@ from gpool import PROJECT_ROOT
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.model import ConvNet
+from gpool.train import build
 
 
 @dataclass
@@ -149,9 +150,7 @@ def time_to_accuracy(target: float, epochs: int, device: str) -> tuple[int | Non
     (Adam + one-cycle); (None, seconds) if it never does within `epochs`."""
     cfg = compose_config("experiment=quick", f"trainer.epochs={epochs}", f"trainer.device={device}")
     trainer: Trainer = instantiate(cfg.trainer)
-    data = instantiate(cfg.dataset, root=cfg.data_dir).load(trainer.device, trainer.channels_last)
-    model = trainer.prepare(fresh_model(cfg, cfg.seed))
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    data, model, optimizer = build(cfg, trainer)
     elapsed = 0.0
     reached: list[int] = []
 

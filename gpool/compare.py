@@ -18,18 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from hydra import compose, initialize_config_dir
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from mlflow.entities import Run  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from gpool import PROJECT_ROOT, GpoolError  # noqa: E402
-from gpool.tracking import ROLE_TAG, child_runs  # noqa: E402
+from gpool import PROJECT_ROOT, GpoolError
+from gpool.plots import plot_group_curves
+from gpool.tracking import ROLE_TAG, child_runs
 
 GROUP_TAGS = ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
 #: Params that differ between runs without being a factor of the comparison.
@@ -232,28 +229,6 @@ def markdown(summary: Sequence[dict], pairs: Sequence[dict], line: str) -> str:
     return "\n".join(out + ["", f"Verdict: {line}", ""])
 
 
-def plot_groups(groups: Sequence[Group], path: Path) -> Path:
-    """Validation and training accuracy per epoch: each group's mean with a ±std band."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax, attr, title in ((axes[0], "val_acc", "validation"), (axes[1], "train_acc", "training")):
-        for g in groups:
-            length = min(len(getattr(r, attr)) for r in g.runs)
-            curves = np.array([getattr(r, attr)[:length] for r in g.runs]) * 100
-            epochs = np.arange(1, length + 1)
-            mean = curves.mean(0)
-            std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{g.name} (n={len(g.runs)})")
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_title(f"{title} accuracy, mean ± std over seeds")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def mlflow_defaults() -> tuple[str, str]:
     """The tracking URI and experiment `gpool.train` would use, from the same config."""
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
@@ -300,7 +275,16 @@ def main(argv: list[str] | None = None) -> str:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
-    figure = plot_groups(groups, out / "comparison.png")
+    figure = plot_group_curves(
+        {
+            g.name: {
+                "validation": [r.val_acc for r in g.runs],
+                "training": [r.train_acc for r in g.runs],
+            }
+            for g in groups
+        },
+        out / "comparison.png",
+    )
     if parent is not None:
         for path in (out / "comparison.md", out / "comparison.csv", figure):
             client.log_artifact(parent.info.run_id, str(path), "comparison")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from gpool.engine import EpochResult  # noqa: E402
@@ -80,5 +81,35 @@ def plot_confusion(matrix: Tensor, classes: Sequence[str], path: Path) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_group_curves(
+    groups: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path
+) -> Path:
+    """Accuracy per epoch for groups of runs: one panel per split ("validation",
+    "training"), each group's mean over its runs with a ±std band (the article's comparison
+    plot, over seeds instead of one run per head)."""
+    splits = list(next(iter(groups.values())))
+    fig, axes = plt.subplots(
+        1, len(splits), figsize=(5.5 * len(splits), 4), constrained_layout=True
+    )
+    for ax, split in zip(np.atleast_1d(axes), splits, strict=True):
+        for name, curves_by_split in groups.items():
+            runs = curves_by_split[split]
+            length = min(len(run) for run in runs)
+            curves = np.array([run[:length] for run in runs]) * 100
+            epochs = np.arange(1, length + 1)
+            mean = curves.mean(0)
+            std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{name} (n={len(runs)})")
+            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{split} accuracy, mean ± std over seeds")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

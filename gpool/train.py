@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.optim import Optimizer
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.data import ImageData
@@ -71,6 +72,14 @@ def log_diagnostics(
     )
 
 
+def build(cfg: DictConfig, trainer: Trainer) -> tuple[ImageData, nn.Module, Optimizer]:
+    """The data, model and optimiser that `cfg` describes, seeded, on the trainer's device."""
+    seed_everything(cfg.seed)
+    data = instantiate(cfg.dataset, root=cfg.data_dir).load(trainer.device, trainer.channels_last)
+    model = trainer.prepare(instantiate(cfg.model, pool=instantiate(cfg.pool)))
+    return data, model, instantiate(cfg.optimizer)(model.parameters())
+
+
 def resume_point(cfg: DictConfig, fingerprint: str) -> tuple[Run | None, dict[str, Any] | None]:
     """What an earlier run of the same config left: (its run, its checkpoint state).
 
@@ -116,11 +125,8 @@ def main(cfg: DictConfig) -> float:
         )
         return previous.data.metrics["val_acc"]
 
-    seed_everything(cfg.seed)
     # Data and model come first: a missing dataset must not leave a half-made MLflow run.
-    data = instantiate(cfg.dataset, root=cfg.data_dir).load(trainer.device, trainer.channels_last)
-    model = trainer.prepare(instantiate(cfg.model, pool=instantiate(cfg.pool)))
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    data, model, optimizer = build(cfg, trainer)
     log.info("%s on %s: %s", run_name, trainer.device, " ".join(hydra_cfg.overrides.task))
 
     checkpoint = job_dir / "checkpoint.pt"
