@@ -245,7 +245,11 @@ def main(argv: list[str] | None = None) -> str:
         help="MLflow filter string over the experiment's runs, e.g. "
         "\"tags.dataset = 'fashion_mnist'\"",
     )
-    parser.add_argument("--experiment", help="experiment name (default: the config's)")
+    parser.add_argument(
+        "--experiment",
+        help="compare every finished run of this experiment (default: the latest sweep in "
+        "the config's experiment); with --filter or --parent, where to look",
+    )
     parser.add_argument("--tracking-uri", help="default: the config's mlflow.tracking_uri")
     parser.add_argument(
         "--out", type=Path, help="folder for the table and figure (default: runs/compare/<id>)"
@@ -253,8 +257,11 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     default_uri, default_experiment = mlflow_defaults()
     client = MlflowClient(args.tracking_uri or default_uri)
+    filter_string = args.filter_string
+    if args.experiment and args.parent is None and filter_string is None:
+        filter_string = ""  # the whole experiment
     parent, runs = select_runs(
-        client, args.experiment or default_experiment, args.parent, args.filter_string
+        client, args.experiment or default_experiment, args.parent, filter_string
     )
     names = factors(runs)
     curves = [fetch_curves(client, r) for r in runs]

@@ -7,6 +7,7 @@ pass over the training set is available as `train_eval_pass` for its exact proto
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -15,13 +16,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -102,6 +104,7 @@ def save_checkpoint(
     scheduler: Any | None,
     generator: torch.Generator,
     history: list[EpochResult],
+    meta: Mapping[str, Any] | None = None,
 ) -> None:
     """Everything needed to continue bit for bit: weights, optimiser and scheduler state,
     the shuffling generator, the global RNGs and the epochs so far. Written to a temporary
@@ -117,6 +120,7 @@ def save_checkpoint(
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy_rng": np.random.get_state(),
         "python_rng": random.getstate(),
+        "meta": dict(meta or {}),
     }
     partial = path.with_name(f"{path.name}.tmp")
     torch.save(state, partial)
@@ -228,12 +232,14 @@ class Trainer:
         on_epoch: Callable[[EpochResult], None] | None = None,
         checkpoint: Path | None = None,
         resume: Mapping[str, Any] | None = None,
+        checkpoint_meta: Mapping[str, Any] | None = None,
     ) -> list[EpochResult]:
         """Train for `epochs`, calling `on_epoch` after each with what it measured.
 
         `scheduler` is a partial of a torch lr scheduler; a per-step one ('step' interval)
         also receives steps_per_epoch. After `on_epoch`, the whole training state is written
-        to `checkpoint`; passing that state back as `resume` continues with the next epoch
+        to `checkpoint` (with `checkpoint_meta`, e.g. the MLflow run id, under "meta");
+        passing that state back as `resume` continues with the next epoch
         exactly as if the run had not stopped. SIGINT/SIGTERM stop the run at the next
         step boundary with RunInterrupted.
         """
@@ -270,7 +276,15 @@ class Trainer:
                 if on_epoch is not None:
                     on_epoch(result)
                 if checkpoint is not None:
-                    save_checkpoint(checkpoint, model, optimizer, scheduler, generator, history)
+                    save_checkpoint(
+                        checkpoint,
+                        model,
+                        optimizer,
+                        scheduler,
+                        generator,
+                        history,
+                        meta=checkpoint_meta,
+                    )
         return history
 
     def _epoch(
@@ -405,3 +419,23 @@ class Trainer:
         """The predicted class of every image of `split`, on the CPU."""
         batches = self._eval_batches(model, data, split, len(split))
         return torch.cat([logits.argmax(1) for logits, _ in batches]).cpu()
+
+
+def _register_trainer_schema() -> None:
+    """conf/trainer options extend this schema, generated from Trainer's signature, so that
+    Hydra rejects a wrong type (`trainer.epochs=ten`) or an unknown key when composing,
+    before anything runs or is logged."""
+    hints = get_type_hints(Trainer.__init__)
+    fields: list[tuple[str, Any, Any]] = []
+    for name, parameter in inspect.signature(Trainer.__init__).parameters.items():
+        if name == "self":
+            continue
+        default = MISSING if parameter.default is inspect.Parameter.empty else parameter.default
+        fields.append((name, hints[name], field(default=default)))
+    fields.append(("_target_", str, field(default="gpool.engine.Trainer")))
+    ConfigStore.instance().store(
+        group="trainer", name="schema", node=make_dataclass("TrainerSchema", fields)
+    )
+
+
+_register_trainer_schema()

@@ -152,6 +152,7 @@ def main(cfg: DictConfig) -> float:
             on_epoch=run.log_epoch,
             checkpoint=checkpoint,
             resume=state,
+            checkpoint_meta={"mlflow_run_id": run.run_id, "config_hash": fingerprint},
         )
         log_diagnostics(run, trainer, model, data, history, job_dir, run_name)
     return history[-1].val_acc

@@ -86,7 +86,7 @@ def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Pa
     assert factors(children) == ["pool"]
 
 
-def test_compare_by_filter_and_by_parent(sweep: Path, tmp_path: Path) -> None:
+def test_compare_by_filter_parent_and_experiment(sweep: Path, tmp_path: Path) -> None:
     proc = compare(sweep, tmp_path / "a", "--filter", "tags.pool = 'max'")
     assert proc.returncode == 0, proc.stderr
     assert "3 finished runs from selection" in proc.stdout
@@ -94,6 +94,10 @@ def test_compare_by_filter_and_by_parent(sweep: Path, tmp_path: Path) -> None:
     (parent,) = store(sweep).search_runs(["1"], "tags.`gpool.role` = 'sweep'")
     proc = compare(sweep, tmp_path / "b", "--parent", parent.info.run_id)
     assert proc.returncode == 0 and "| pool=avg | 3 |" in proc.stdout
+    proc = compare(sweep, tmp_path / "c", "--experiment", "gpool")
+    assert proc.returncode == 0 and "6 finished runs from selection" in proc.stdout
+    proc = compare(sweep, tmp_path / "d", "--experiment", "nope")
+    assert proc.returncode == 1 and "no MLflow experiment 'nope'" in proc.stderr
 
 
 def test_compare_without_a_sweep_says_what_to_run(tmp_path: Path, idx_root: Path) -> None:

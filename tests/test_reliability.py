@@ -91,7 +91,9 @@ def test_killed_run_resumes_into_the_same_run_with_identical_metrics(
     proc = start_and_kill(tmp_path, big_root, sig)
     assert proc.returncode != 0
     (killed,) = job_runs(tmp_path)
-    stopped_after = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)["epoch"]
+    state = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
+    stopped_after = state["epoch"]
+    assert state["meta"]["mlflow_run_id"] == killed.info.run_id
     assert 1 <= stopped_after < 8, "the run should have been stopped mid-way"
     if sig == signal.SIGTERM:
         assert killed.info.status == "KILLED"

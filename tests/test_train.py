@@ -111,13 +111,18 @@ def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> 
     assert runs[0].data.metrics["val_loss"] != runs[2].data.metrics["val_loss"]  # heads differ
 
 
-def test_unknown_option_fails_before_anything_is_logged(tmp_path: Path, idx_root: Path) -> None:
+def test_unknown_option_key_or_wrong_type_fails_before_anything_is_logged(
+    tmp_path: Path, idx_root: Path
+) -> None:
     proc = run_gpool(tmp_path, idx_root, "pool=median")
     assert proc.returncode != 0
     assert "Could not find 'pool/median'" in proc.stderr
     assert "avg" in proc.stderr and "max" in proc.stderr  # Hydra lists the options
     proc = run_gpool(tmp_path, idx_root, "trainer.epochz=3")
-    assert proc.returncode != 0 and "epochz" in proc.stderr
+    assert proc.returncode != 0 and "Key 'epochz' not in 'TrainerSchema'" in proc.stderr
+    proc = run_gpool(tmp_path, idx_root, "trainer.epochs=ten")
+    assert proc.returncode != 0
+    assert "Value 'ten' of type 'str' could not be converted to Integer" in proc.stderr
     assert runs_in(tmp_path) == []
 
 
