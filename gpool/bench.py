@@ -35,7 +35,7 @@ from gpool import PROJECT_ROOT
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.model import ConvNet
-from gpool.train import build
+from gpool.train import build, schedule
 
 
 @dataclass
@@ -166,8 +166,7 @@ def time_to_accuracy(target: float, epochs: int, device: str) -> tuple[int | Non
         optimizer,
         data,
         seed=cfg.seed,
-        scheduler=instantiate(cfg.scheduler.lr_scheduler),
-        scheduler_interval=cfg.scheduler.interval,
+        **schedule(cfg),
         on_epoch=watch,
     )
     return (reached[0] if reached else None), elapsed

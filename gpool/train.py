@@ -80,6 +80,14 @@ def build(cfg: DictConfig, trainer: Trainer) -> tuple[ImageData, nn.Module, Opti
     return data, model, instantiate(cfg.optimizer)(model.parameters())
 
 
+def schedule(cfg: DictConfig) -> dict[str, Any]:
+    """Trainer.fit's scheduler arguments from conf/scheduler."""
+    return {
+        "scheduler": instantiate(cfg.scheduler.lr_scheduler),
+        "scheduler_interval": cfg.scheduler.interval,
+    }
+
+
 def resume_point(cfg: DictConfig, fingerprint: str) -> tuple[Run | None, dict[str, Any] | None]:
     """What an earlier run of the same config left: (its run, its checkpoint state).
 
@@ -147,8 +155,7 @@ def main(cfg: DictConfig) -> float:
             optimizer,
             data,
             seed=cfg.seed,
-            scheduler=instantiate(cfg.scheduler.lr_scheduler),
-            scheduler_interval=cfg.scheduler.interval,
+            **schedule(cfg),
             on_epoch=run.log_epoch,
             checkpoint=checkpoint,
             resume=state,
