@@ -95,7 +95,7 @@ def fresh_model(cfg: DictConfig, seed: int) -> ConvNet:
 def reference_epoch(cfg: DictConfig, device: torch.device, steps: int | None) -> Measurement:
     """The article's loop, as written there: per-sample ToTensor through a DataLoader."""
     source = instantiate(cfg.dataset.source)
-    root = cfg.data_dir
+    root = cfg.dataset.root
     train_loader = DataLoader(
         source(root=root, train=True, transform=ToTensor()), batch_size=cfg.trainer.batch_size
     )
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> float:
         overrides.append(f"trainer.limit_train_batches={args.steps}")
     cfg = compose_config(*overrides)
     trainer: Trainer = instantiate(cfg.trainer)
-    data = instantiate(cfg.dataset, root=cfg.data_dir).load(trainer.device, trainer.channels_last)
+    data = instantiate(cfg.dataset).load(trainer.device, trainer.channels_last)
     device = trainer.device
     print(f"machine: {machine(device)}")
     print(

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
-from torchvision.datasets import MNIST
+from torchvision.datasets import MNIST, ImageFolder
 
 from gpool import GpoolError
 
@@ -53,6 +54,30 @@ class ImageData:
     scale: Tensor  # [1, C, 1, 1]: 1 / (255 * std)
     shift: Tensor  # [1, C, 1, 1]: -mean / std
     channels_last: bool = True
+
+    @classmethod
+    def build(
+        cls,
+        train: Split,
+        val: Split,
+        classes: list[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str,
+        channels_last: bool = True,
+    ) -> ImageData:
+        """Move both splits to `device` and fold mean/std into one multiply-add."""
+        shape = (1, len(mean), 1, 1)
+        std_t = torch.tensor(list(std)).view(shape)
+        mean_t = torch.tensor(list(mean)).view(shape)
+        return cls(
+            train=Split(train.images.to(device), train.labels.to(device)),
+            val=Split(val.images.to(device), val.labels.to(device)),
+            classes=classes,
+            scale=(1.0 / (255.0 * std_t)).to(device),
+            shift=(-mean_t / std_t).to(device),
+            channels_last=channels_last,
+        )
 
     def batch(self, split: Split, index: Tensor | slice) -> tuple[Tensor, Tensor]:
         """Normalised float images and labels for `index` of `split`."""
@@ -125,17 +150,7 @@ class TorchvisionImages:
         """Read both splits onto `device`."""
         self._prepare_files()
         train, val = (self._read(train) for train in (True, False))
-        shape = (1, self.channels, 1, 1)
-        std = torch.tensor(self.std).view(shape)
-        mean = torch.tensor(self.mean).view(shape)
-        return ImageData(
-            train=Split(train.images.to(device), train.labels.to(device)),
-            val=Split(val.images.to(device), val.labels.to(device)),
-            classes=self.classes,
-            scale=(1.0 / (255.0 * std)).to(device),
-            shift=(-mean / std).to(device),
-            channels_last=channels_last,
-        )
+        return ImageData.build(train, val, self.classes, self.mean, self.std, device, channels_last)
 
     def _read(self, train: bool) -> Split:
         try:
@@ -212,3 +227,73 @@ class TorchvisionImages:
                 + " or ".join(fixes)
                 + "; set GPOOL_DATA or data_dir to use another cache."
             ) from err
+
+
+class ImageFolderImages:
+    """Your own images in torchvision's ImageFolder layout, read once into tensors:
+    `root/train/<class>/*` and `root/val/<class>/*` (class names are the folder names,
+    sorted). Images are converted to `channels` (1: greyscale, 3: RGB) and resized to
+    `image_size` squared when they differ."""
+
+    def __init__(
+        self,
+        root: str,
+        channels: int,
+        image_size: int,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        normalize: bool = True,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.channels = channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.mean = list(mean) if normalize else [0.0] * channels
+        self.std = list(std) if normalize else [1.0] * channels
+        self.classes = list(classes) if classes else None
+
+    def load(self, device: torch.device | str, channels_last: bool = True) -> ImageData:
+        (train, classes), (val, val_classes) = (self._read(s) for s in ("train", "val"))
+        if val_classes != classes:
+            raise DataError(
+                f"{self.root}/train and {self.root}/val hold different classes: "
+                f"{classes} vs {val_classes}"
+            )
+        if len(classes) != self.num_classes:
+            raise DataError(
+                f"{self.root}/train has {len(classes)} class folders {classes}; set "
+                f"dataset.num_classes={len(classes)}"
+            )
+        if self.classes and self.classes != classes:
+            raise DataError(f"dataset.classes {self.classes} differ from the folders {classes}")
+        return ImageData.build(train, val, classes, self.mean, self.std, device, channels_last)
+
+    def _read(self, split: str) -> tuple[Split, list[str]]:
+        folder = self.root / split
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder} does not exist: dataset=image_folder expects "
+                f"dataset.root/{{train,val}}/<class>/<image> (set dataset.root=...)"
+            )
+        try:
+            dataset = ImageFolder(str(folder))
+        except (FileNotFoundError, OSError) as err:
+            raise DataError(f"{folder}: {err}") from err
+        mode = {1: "L", 3: "RGB"}[self.channels]
+        size = (self.image_size, self.image_size)
+        images = []
+        for path, _ in dataset.samples:
+            try:
+                with Image.open(path) as image:
+                    image = image.convert(mode)
+                    if image.size != size:
+                        image = image.resize(size, Image.BILINEAR)
+                    images.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()))
+            except OSError as err:
+                raise DataError(f"{path} is not a readable image ({err})") from err
+        stacked = torch.stack(images)
+        stacked = stacked.unsqueeze(1) if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)
+        labels = torch.tensor(dataset.targets, dtype=torch.int64)
+        return Split(stacked.contiguous(), labels), list(dataset.classes)

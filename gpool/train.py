@@ -75,7 +75,7 @@ def log_diagnostics(
 def build(cfg: DictConfig, trainer: Trainer) -> tuple[ImageData, nn.Module, Optimizer]:
     """The data, model and optimiser that `cfg` describes, seeded, on the trainer's device."""
     seed_everything(cfg.seed)
-    data = instantiate(cfg.dataset, root=cfg.data_dir).load(trainer.device, trainer.channels_last)
+    data = instantiate(cfg.dataset).load(trainer.device, trainer.channels_last)
     model = trainer.prepare(instantiate(cfg.model, pool=instantiate(cfg.pool)))
     return data, model, instantiate(cfg.optimizer)(model.parameters())
 

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import gpool
-from gpool.data import TorchvisionImages
+from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
 from gpool.model import ConvNet
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
@@ -55,7 +55,7 @@ def test_groups_have_the_promised_options() -> None:
     assert options("pool") == ["attention", "avg", "avgmax", "catavgmax", "gem", "lse", "max"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
-    assert options("dataset") == ["cifar10", "fashion_mnist", "kmnist", "mnist"]
+    assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
     assert options("experiment") == ["article", "quick"]
 
 
@@ -112,10 +112,12 @@ def test_schedulers_instantiate(name: str) -> None:
 
 @pytest.mark.parametrize("name", options("dataset"))
 def test_model_output_matches_each_dataset(name: str, tmp_path: Path) -> None:
-    cfg = make_cfg(f"dataset={name}")
+    own = ["dataset.num_classes=4"] if name == "image_folder" else []  # set by the user
+    cfg = make_cfg(f"dataset={name}", *own)
     dataset = instantiate(cfg.dataset, root=str(tmp_path))
-    assert isinstance(dataset, TorchvisionImages)
-    assert len(dataset.classes) == cfg.dataset.num_classes
+    assert isinstance(dataset, ImageFolderImages if own else TorchvisionImages)
+    if not own:
+        assert len(dataset.classes) == cfg.dataset.num_classes
     model = build_model(cfg)
     size = cfg.dataset.image_size
     out = model(torch.randn(2, cfg.dataset.channels, size, size))

@@ -7,9 +7,13 @@ import hashlib
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEBIAN_DIR, FILES, write_split
+from hydra.utils import instantiate
+from PIL import Image
+from test_config import make_cfg
 from torchvision.datasets import FashionMNIST
 
 from gpool.data import DataError, TorchvisionImages, check_idx
@@ -147,3 +151,47 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path: Path) -> None:
     assert data.val.images.shape == (10000, 1, 28, 28)
     assert data.train.labels.unique().tolist() == list(range(10))
     assert torch.bincount(data.val.labels).tolist() == [1000] * 10
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 20) -> None:
+    """PNG files in ImageFolder layout: per class a distinct brightness, per split a few."""
+    for split, count in (("train", 6), ("val", 3)):
+        for c, (name, level) in enumerate(classes.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.full((size, size, 3), level, dtype=np.uint8)
+                pixels[c, i % size] = 255
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_image_folder_loads_resizes_and_names_classes(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"ash": 40, "birch": 120, "cedar": 200})
+    cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.num_classes=3")
+    data = instantiate(cfg.dataset).load("cpu")
+    assert data.classes == ["ash", "birch", "cedar"]
+    assert data.train.images.shape == (18, 3, 32, 32) and data.val.images.shape == (9, 3, 32, 32)
+    assert data.train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert int(data.val.images[3].float().median()) == 120  # birch, resized from 20x20
+    grey = make_cfg(
+        "dataset=image_folder",
+        f"dataset.root={tmp_path}",
+        "dataset.num_classes=3",
+        "dataset.channels=1",
+        "dataset.mean=[0.5]",
+        "dataset.std=[0.25]",
+    )
+    assert instantiate(grey.dataset).load("cpu").train.images.shape == (18, 1, 32, 32)
+
+
+def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
+    cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.num_classes=2")
+    with pytest.raises(DataError, match="train does not exist: dataset=image_folder expects"):
+        instantiate(cfg.dataset).load("cpu")
+    write_image_folder(tmp_path, {"ash": 40, "birch": 120, "cedar": 200})
+    with pytest.raises(DataError, match="has 3 class folders .* set dataset.num_classes=3"):
+        instantiate(cfg.dataset).load("cpu")
+    (tmp_path / "train" / "ash" / "0.png").write_bytes(b"not a png")
+    cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.num_classes=3")
+    with pytest.raises(DataError, match="0.png is not a readable image"):
+        instantiate(cfg.dataset).load("cpu")

@@ -159,3 +159,32 @@ def test_output_dirs_live_under_the_projects_runs_and_do_not_collide() -> None:
         path = Path(directory)
         assert path.is_relative_to(runs)
         assert len(path.name.split("-")) == 4  # HH-MM-SS-microseconds
+
+
+def test_every_head_trains_and_logs_in_a_sweep(tmp_path: Path, idx_root: Path) -> None:
+    heads = ["attention", "avgmax", "catavgmax", "gem", "lse"]
+    proc = run_gpool(tmp_path, idx_root, f"pool={','.join(heads)}", *SHORT, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    runs = [r for r in runs_in(tmp_path) if "gpool.role" not in r.data.tags]
+    assert sorted(r.data.tags["pool"] for r in runs) == heads
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(0 <= r.data.metrics["val_acc"] <= 1 for r in runs)
+
+
+def test_own_images_in_image_folder_layout_train_and_log(tmp_path: Path) -> None:
+    from test_data import write_image_folder
+
+    images = tmp_path / "images"
+    write_image_folder(images, {"ash": 40, "birch": 120, "cedar": 200})
+    proc = run_gpool(
+        tmp_path,
+        tmp_path / "unused",
+        "dataset=image_folder",
+        f"dataset.root={images}",
+        "dataset.num_classes=3",
+        *SHORT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = runs_in(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "image_folder"
+    assert run.data.params["dataset.num_classes"] == "3"
