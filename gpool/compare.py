@@ -130,21 +130,18 @@ def select_runs(
             order_by=["attributes.start_time DESC"],
             max_results=50,
         )
-        parent = next(
-            (
-                s.info.run_id
-                for s in sweeps
-                if any(c.info.status == "FINISHED" for c in child_runs(client, s.info.run_id))
-            ),
-            None,
-        )
-        if parent is None:
+        for sweep in sweeps:
+            runs = child_runs(client, sweep.info.run_id)
+            if any(r.info.status == "FINISHED" for r in runs):
+                parent = sweep.info.run_id
+                break
+        else:
             raise GpoolError(
                 f"no sweep with finished runs in experiment {experiment!r} at "
                 f"{client.tracking_uri}: run `python -m gpool.train -m pool=avg,max "
                 "seed=0,1,2` first, or pass --filter"
             )
-    if parent is not None:
+    elif parent is not None:
         runs = child_runs(client, parent)
     else:
         runs = [

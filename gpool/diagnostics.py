@@ -29,12 +29,15 @@ def probe_indices(labels: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def class_maps(model: nn.Module, data: ImageData, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Images in [0, 1], the [N, num_classes, h, w] maps before the pool, and predictions."""
+def class_maps(
+    model: nn.Module, data: ImageData, index: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Images in [0, 1], the [N, num_classes, h, w] maps before the pool, the true labels
+    and the predictions, for the validation images at `index`."""
     model.eval()
-    device = data.val.images.device
-    x, _ = data.batch(data.val, index.to(device))
+    index = index.to(data.val.images.device)
+    x, labels = data.batch(data.val, index)
     maps = model.class_maps(x)
     predicted = model.head(model.pool(maps)).argmax(1)
-    images = data.val.images[index.to(device)].float() / 255
-    return images.cpu(), maps.float().cpu(), predicted.cpu()
+    images = data.val.images[index].float() / 255
+    return images.cpu(), maps.float().cpu(), labels.cpu(), predicted.cpu()

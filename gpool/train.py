@@ -48,9 +48,7 @@ def log_diagnostics(
     """What every run keeps besides metrics: weights, curves, the class maps that enter the
     pool for one fixed validation image per class, and the validation confusion matrix."""
     torch.save(model.state_dict(), job_dir / "model.pt")
-    index = probe_indices(data.val.labels)
-    images, maps, predicted = class_maps(model, data, index)
-    labels = data.val.labels[index.to(data.val.labels.device)].tolist()
+    images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
     matrix = confusion_matrix(
         trainer.predict(model, data, data.val), data.val.labels, len(data.classes)
     )
@@ -65,7 +63,12 @@ def log_diagnostics(
             job_dir / "model.pt",
             plot_curves(history, job_dir / "curves.png", title),
             plot_class_maps(
-                images, maps, labels, predicted.tolist(), data.classes, job_dir / "class_maps.png"
+                images,
+                maps,
+                labels.tolist(),
+                predicted.tolist(),
+                data.classes,
+                job_dir / "class_maps.png",
             ),
             plot_confusion(matrix, data.classes, job_dir / "confusion_matrix.png"),
         ]
