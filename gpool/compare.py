@@ -26,11 +26,9 @@ from scipy import stats
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.plots import plot_group_curves
-from gpool.tracking import ROLE_TAG, child_runs
+from gpool.tracking import ROLE_TAG, affects_result, child_runs
 
 GROUP_TAGS = ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
-#: Params that differ between runs without being a factor of the comparison.
-NOT_FACTORS = {"seed", "mlflow.run_name"}
 ALPHA = 0.05
 
 
@@ -83,17 +81,19 @@ def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def factors(runs: Sequence[Run]) -> list[str]:
     """What the runs differ in besides the seed: config group choices (tags) first, then
-    any other param, leaving out params that merely follow a varied group."""
+    any other param that affects results, leaving out params that merely follow a varied
+    group."""
 
     def varies(values: list[str | None]) -> bool:
         return len(set(values)) > 1
 
     groups = [g for g in GROUP_TAGS if varies([r.data.tags.get(g) for r in runs])]
-    keys = sorted(set().union(*(r.data.params for r in runs)) - NOT_FACTORS)
+    keys = sorted(k for k in set().union(*(r.data.params for r in runs)) if affects_result(k))
     params = [
         k
         for k in keys
-        if varies([r.data.params.get(k) for r in runs])
+        if k != "seed"
+        and varies([r.data.params.get(k) for r in runs])
         and not any(k.startswith(f"{g}.") for g in groups)
     ]
     return groups + params

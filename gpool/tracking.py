@@ -39,6 +39,8 @@ ROLE_TAG = "gpool.role"
 HASH_TAG = "gpool.config_hash"
 #: Tag holding the path of the run's latest checkpoint.
 CHECKPOINT_TAG = "gpool.checkpoint"
+#: Config keys (and prefixes) left out of config_hash and of gpool.compare's factors.
+NOT_RESULT_KEYS = ("mlflow", "data_dir", "trainer.threads", "trainer.resume")
 #: How a multirun's jobs, in this process or in launcher-started ones, find their parent run.
 PARENT_RUN_ENV = "GPOOL_PARENT_RUN_ID"
 MAX_PARAMS_PER_BATCH = 100
@@ -189,14 +191,17 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
     )
 
 
+def affects_result(key: str) -> bool:
+    """Whether a dotted config key can change what a run learns; where it is logged or
+    cached, its thread count and whether it resumes cannot."""
+    return not any(key == p or key.startswith(f"{p}.") for p in NOT_RESULT_KEYS)
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
-    """A fingerprint of what determines a run's result: the resolved config without where
-    things are logged or stored and without settings that only affect speed or resuming."""
-    trimmed = {k: v for k, v in config.items() if k not in ("mlflow", "data_dir")}
-    trimmed["trainer"] = {
-        k: v for k, v in config["trainer"].items() if k not in ("threads", "resume")
-    }
-    return hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()[:20]
+    """A fingerprint of what determines a run's result: the resolved config's keys that
+    affect it (see affects_result)."""
+    kept = {k: v for k, v in flatten(config).items() if affects_result(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def previous_run(tracking_uri: str, experiment_name: str, fingerprint: str) -> Run | None:

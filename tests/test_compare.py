@@ -180,3 +180,26 @@ def test_ui_nests_the_runs_under_the_sweep(server: str, tmp_path: Path) -> None:
         finally:
             browser.close()
     assert (tmp_path / "experiment.png").stat().st_size > 10_000
+
+
+def test_settings_that_do_not_change_results_are_no_factor(sweep: Path) -> None:
+    from gpool.tracking import affects_result, config_hash
+
+    assert not affects_result("trainer.threads") and not affects_result("mlflow.run_name")
+    assert not affects_result("data_dir") and affects_result("trainer.epochs")
+    base = {
+        "seed": 0,
+        "data_dir": "/a",
+        "trainer": {"epochs": 2, "threads": 1, "resume": True},
+        "mlflow": {"tracking_uri": "sqlite:///x.db"},
+    }
+    moved = {
+        "seed": 0,
+        "data_dir": "/b",
+        "trainer": {"epochs": 2, "threads": 8, "resume": False},
+        "mlflow": {"tracking_uri": "http://127.0.0.1:5000"},
+    }
+    assert config_hash(base) == config_hash(moved)
+    assert config_hash(base) != config_hash({**base, "trainer": {"epochs": 3, "threads": 1}})
+    runs = [r for r in store(sweep).search_runs(["1"]) if "gpool.role" not in r.data.tags]
+    assert factors(runs) == ["pool"]  # seeds and run names differ too, but are no factor
