@@ -13,9 +13,11 @@ import argparse
 import csv
 import itertools
 import math
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -273,8 +275,15 @@ def main(argv: list[str] | None = None) -> str:
     out = args.out or PROJECT_ROOT / "runs" / "compare" / (
         parent.info.run_id if parent else "selection"
     )
+    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
+    arguments = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "gpool.compare", *arguments])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(table)
+    # The file carries the command that made it, so a committed table can be regenerated.
+    (out / "comparison.md").write_text(
+        f"{len(runs)} finished runs from {source}, made {date.today().isoformat()} by "
+        f"`{command}`\n\n{table}"
+    )
     with (out / "comparison.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
@@ -292,7 +301,6 @@ def main(argv: list[str] | None = None) -> str:
     if parent is not None:
         for path in (out / "comparison.md", out / "comparison.csv", figure):
             client.log_artifact(parent.info.run_id, str(path), "comparison")
-    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
     print(f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}\n")
     print(table)
     print(f"written to {out}")

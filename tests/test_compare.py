@@ -75,6 +75,10 @@ def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Pa
     assert "| pool=avg | pool=max |" in out  # the Welch row
     verdict = next(line for line in out.splitlines() if line.startswith("Verdict: "))
     assert "leads" in verdict and "significant at 0.05" in verdict
+    first = (tmp_path / "out" / "comparison.md").read_text().splitlines()[0]
+    made_by = f"python -m gpool.compare --tracking-uri sqlite:///{sweep}/mlflow.db --out"
+    assert first.startswith("6 finished runs from sweep")
+    assert first.endswith(f"by `{made_by} {tmp_path / 'out'}`")
     rows = (tmp_path / "out" / "comparison.csv").read_text().splitlines()
     assert rows[0].startswith("group,n,final_val_acc_mean") and len(rows) == 3
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
