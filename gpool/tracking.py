@@ -11,9 +11,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
@@ -126,13 +128,19 @@ class SweepTracking(Callback):
     starts (see ensure_experiment) and, for a multirun, opens one parent
     run that every job's run nests under. Jobs learn the parent's id from the environment
     variable PARENT_RUN_ENV, which processes started by other launchers inherit. The parent
-    ends FINISHED when every child did, FAILED otherwise (also when Hydra stops on a failed
-    job before `on_multirun_end`, through an atexit hook).
+    ends FINISHED when every child did, KILLED when the sweep was interrupted, FAILED
+    otherwise (also when Hydra stops on a failed job before `on_multirun_end`, through an
+    atexit hook).
+
+    SIGTERM stops the launching process the way Ctrl-C does: launchers that run jobs in
+    worker processes (joblib) then stop their workers, and the parent run is closed,
+    instead of the process dying at once and leaving workers and a RUNNING parent behind.
     """
 
     def __init__(self) -> None:
         # (tracking URI, run id): plain strings, as launchers pickle callbacks to workers.
         self.parent: tuple[str, str] | None = None
+        self.interrupted = False
 
     @staticmethod
     def prepare(config: DictConfig, output_dir: str, key: str) -> str:
@@ -162,22 +170,43 @@ class SweepTracking(Callback):
         self.parent = (tracking_uri, run.info.run_id)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._interrupt)
         log.info("MLflow sweep run %s: %s", run.info.run_id, overrides)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt(f"sweep stopped by {signal.Signals(signum).name}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close_parent(completed=True)
 
     def close_parent(self, completed: bool = False) -> None:
         """End the parent run: FINISHED when Hydra completed the sweep and every child run
-        FINISHED (a rerun whose jobs were all skipped has none), FAILED otherwise."""
+        FINISHED (a rerun whose jobs were all skipped has none); KILLED when a signal stopped
+        the sweep or one of its jobs; FAILED otherwise."""
         if self.parent is None:
             return
         tracking_uri, run_id = self.parent
         client = MlflowClient(tracking_uri)
         self.parent = None
         os.environ.pop(PARENT_RUN_ENV, None)
-        ok = completed and all(c.info.status == "FINISHED" for c in child_runs(client, run_id))
-        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        children = child_runs(client, run_id)
+        if not completed:  # stopped launchers kill their workers: give up their runs
+            deadline = time.monotonic() + 10
+            for child in children:
+                if child.info.status == "RUNNING" and not alive_at(child, deadline):
+                    mark_killed(tracking_uri, child.info.run_id)
+            children = child_runs(client, run_id)
+        statuses = {c.info.status for c in children}
+        if completed and statuses <= {"FINISHED"}:
+            status = "FINISHED"
+        elif self.interrupted or "KILLED" in statuses:
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        client.set_terminated(run_id, status)
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
@@ -245,6 +274,17 @@ def is_alive(run: Run) -> bool:
     except (PermissionError, ValueError):
         return True
     return int(tags["gpool.pid"]) != os.getpid()
+
+
+def alive_at(run: Run, deadline: float) -> bool:
+    """Whether a RUNNING run's process still lives, waiting until `deadline` (monotonic
+    seconds) for one on this host that was just told to stop; one elsewhere counts as alive
+    at once (see is_alive)."""
+    while is_alive(run):
+        if run.data.tags.get("gpool.host") != socket.gethostname() or time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def mark_killed(tracking_uri: str, run_id: str) -> None:

@@ -157,6 +157,66 @@ def test_parallel_sweep_on_a_fresh_store_loses_nothing(tmp_path: Path, idx_root:
         assert [s for s, _ in history(tmp_path, run.info.run_id, "val_acc")] == [1]
 
 
+def session_ends(pgid: int, seconds: float) -> bool:
+    """Whether every process of group `pgid` is gone within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("whole_group", [True, False], ids=["ctrl-c-or-timeout", "kill-launcher"])
+def test_stopped_parallel_sweep_leaves_no_workers_and_no_running_runs(
+    tmp_path: Path, idx_root: Path, whole_group: bool
+) -> None:
+    """SIGTERM to the terminal's process group (what `timeout` sends), or to the launching
+    process alone: the command ends with one message, its joblib workers with it, and no
+    run of the sweep stays RUNNING."""
+    args = [
+        sys.executable,
+        "-m",
+        "gpool.train",
+        "-m",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "pool=avg,max",
+        "trainer.epochs=1000",
+        *SHORT[1:],
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env=gpool_env(idx_root),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    checkpoints = [tmp_path / "multirun" / str(n) / "checkpoint.pt" for n in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(c.exists() for c in checkpoints):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the jobs did not start within 120 s"
+        time.sleep(0.05)
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)  # a worker left alive would hold the pipes open
+    assert proc.returncode == 1 and "gpool.train: sweep stopped by SIGTERM" in stderr
+    assert session_ends(proc.pid, seconds=15), "processes of the sweep outlived it"
+    runs = job_runs(tmp_path)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    (parent,) = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert parent.info.status == "KILLED"
+
+
 def test_unreachable_tracking_server_is_one_clear_error(tmp_path: Path, idx_root: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
