@@ -55,30 +55,33 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, big_root: Path) -> d
     return {k: history(tmp, run.info.run_id, k) for k in ("val_acc", "val_loss", "train_loss")}
 
 
-def start_and_kill(tmp: Path, data: Path, sig: signal.Signals) -> subprocess.Popen[str]:
-    """Start a run, wait for its first checkpoint, send `sig` while it trains on."""
-    args = [
-        sys.executable,
-        "-m",
-        "gpool.train",
-        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
-        f"hydra.run.dir={tmp}/single",
-        *LONG,
-    ]
+def start_training(
+    tmp: Path, data: Path, *overrides: str, until: list[Path], multirun: bool = False
+) -> subprocess.Popen:
+    """Start `python -m gpool.train` in a session of its own; return once every checkpoint
+    in `until` exists, while it trains on."""
     proc = subprocess.Popen(
-        args,
+        [sys.executable, "-m", "gpool.train", *(["-m"] if multirun else [])]
+        + [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", *overrides],
         cwd=tmp,
         env=gpool_env(data),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=True,
     )
-    checkpoint = tmp / "single" / "checkpoint.pt"
     deadline = time.monotonic() + 120
-    while not checkpoint.exists():
+    while not all(c.exists() for c in until):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.02)
+    return proc
+
+
+def start_and_kill(tmp: Path, data: Path, sig: signal.Signals) -> subprocess.Popen[str]:
+    """Start a run, wait for its first checkpoint, send `sig` while it trains on."""
+    until = [tmp / "single" / "checkpoint.pt"]
+    proc = start_training(tmp, data, f"hydra.run.dir={tmp}/single", *LONG, until=until)
     proc.send_signal(sig)
     proc.wait(timeout=120)
     return proc
@@ -176,34 +179,18 @@ def test_stopped_parallel_sweep_leaves_no_workers_and_no_running_runs(
     """SIGTERM to the terminal's process group (what `timeout` sends), or to the launching
     process alone: the command ends with one message, its joblib workers with it, and no
     run of the sweep stays RUNNING."""
-    args = [
-        sys.executable,
-        "-m",
-        "gpool.train",
-        "-m",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    proc = start_training(
+        tmp_path,
+        idx_root,
         f"hydra.sweep.dir={tmp_path}/multirun",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "pool=avg,max",
         "trainer.epochs=1000",
         *SHORT[1:],
-    ]
-    proc = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        env=gpool_env(idx_root),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+        until=[tmp_path / "multirun" / str(n) / "checkpoint.pt" for n in (0, 1)],
+        multirun=True,
     )
-    checkpoints = [tmp_path / "multirun" / str(n) / "checkpoint.pt" for n in (0, 1)]
-    deadline = time.monotonic() + 120
-    while not all(c.exists() for c in checkpoints):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the jobs did not start within 120 s"
-        time.sleep(0.05)
     if whole_group:
         os.killpg(proc.pid, signal.SIGTERM)
     else:
