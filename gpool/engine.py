@@ -42,6 +42,14 @@ class RunInterrupted(KeyboardInterrupt):
     stands. A KeyboardInterrupt, so that the run is marked KILLED and the sweep stops."""
 
 
+def handle_stop_signals(handler: Callable[[int, Any], None]) -> dict[signal.Signals, Any]:
+    """Route SIGINT and SIGTERM to `handler`; returns the handlers it replaced. Only the
+    main thread may set handlers: elsewhere it does nothing and returns {}."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 class StopOnSignal:
     """While active, SIGINT and SIGTERM only record the signal; the training loop checks it
     between steps, so a run never stops half-way through an optimiser step or a checkpoint
@@ -55,9 +63,7 @@ class StopOnSignal:
         self.signal = signal.Signals(signum)
 
     def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._record)
+        self._previous = handle_stop_signals(self._record)
         return self
 
     def __exit__(self, *exc: object) -> None:

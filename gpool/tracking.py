@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from gpool import PROJECT_ROOT, GpoolError
-from gpool.engine import EpochResult
+from gpool.engine import EpochResult, handle_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +169,7 @@ class SweepTracking(Callback):
         self.parent = (tracking_uri, run.info.run_id)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._interrupt)
+        handle_stop_signals(self._interrupt)
         log.info("MLflow sweep run %s: %s", run.info.run_id, overrides)
 
     def _interrupt(self, signum: int, frame: Any) -> None:
