@@ -252,6 +252,11 @@ def slurm_job() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def on_this_host(run: Run) -> bool:
+    """Whether the run's process was started on this machine (its pid means something here)."""
+    return run.data.tags.get("gpool.host") == socket.gethostname()
+
+
 def is_alive(run: Run) -> bool:
     """Whether a RUNNING run's process still lives; a SIGKILL'd one left RUNNING does not.
 
@@ -262,7 +267,7 @@ def is_alive(run: Run) -> bool:
     tags = run.data.tags
     if tags.get("gpool.slurm_job") and tags["gpool.slurm_job"] == slurm_job():
         return False
-    if tags.get("gpool.host") != socket.gethostname():
+    if not on_this_host(run):
         return True
     try:
         os.kill(int(tags.get("gpool.pid", "0")), 0)
@@ -278,7 +283,7 @@ def alive_at(run: Run, deadline: float) -> bool:
     seconds) for one on this host that was just told to stop; one elsewhere counts as alive
     at once (see is_alive)."""
     while is_alive(run):
-        if run.data.tags.get("gpool.host") != socket.gethostname() or time.monotonic() > deadline:
+        if not on_this_host(run) or time.monotonic() > deadline:
             return True
         time.sleep(0.1)
     return False
