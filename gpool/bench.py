@@ -24,18 +24,17 @@ from dataclasses import dataclass
 from datetime import date
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
-from gpool import PROJECT_ROOT
+from gpool.config import compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
-from gpool.model import ConvNet
-from gpool.train import build, schedule
+from gpool.model import ConvNet, build_model
+from gpool.train import build
 
 
 @dataclass
@@ -44,11 +43,6 @@ class Measurement:
     seconds: float
     images: int
     peak_bytes: int
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def resident_bytes() -> int:
@@ -89,7 +83,7 @@ def peak_memory(device: torch.device) -> Iterator[list[int]]:
 
 def fresh_model(cfg: DictConfig, seed: int) -> ConvNet:
     seed_everything(seed)
-    return instantiate(cfg.model, pool=instantiate(cfg.pool))
+    return build_model(cfg)
 
 
 def reference_epoch(cfg: DictConfig, device: torch.device, steps: int | None) -> Measurement:
@@ -140,17 +134,21 @@ def engine_epoch(cfg: DictConfig, data: ImageData, trainer: Trainer) -> Measurem
     model = trainer.prepare(fresh_model(cfg, cfg.seed))
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     with peak_memory(trainer.device) as peak:
-        (result,) = trainer.fit(model, optimizer, data, seed=cfg.seed)
+        (result,) = trainer.fit(trainer.start(model, optimizer, data, cfg.seed), data)
     images = min(len(data.train), trainer.steps_per_epoch(data) * trainer.batch_size)
     return Measurement("gpool", result.epoch_seconds, images, peak[0])
 
 
-def time_to_accuracy(target: float, epochs: int, device: str) -> tuple[int | None, float]:
+def time_to_accuracy(
+    target: float, epochs: int, device: str, overrides: list[str]
+) -> tuple[int | None, float]:
     """Epochs and training seconds until GAP's val acc reaches `target` with the quick recipe
     (Adam + one-cycle); (None, seconds) if it never does within `epochs`."""
-    cfg = compose_config("experiment=quick", f"trainer.epochs={epochs}", f"trainer.device={device}")
+    cfg = compose_config(
+        "experiment=quick", f"trainer.epochs={epochs}", f"trainer.device={device}", *overrides
+    )
     trainer: Trainer = instantiate(cfg.trainer)
-    data, model, optimizer = build(cfg, trainer)
+    data, state = build(cfg, trainer)
     elapsed = 0.0
     reached: list[int] = []
 
@@ -161,18 +159,11 @@ def time_to_accuracy(target: float, epochs: int, device: str) -> tuple[int | Non
             if result.val_acc >= target:
                 reached.append(result.epoch)
 
-    trainer.fit(
-        model,
-        optimizer,
-        data,
-        seed=cfg.seed,
-        **schedule(cfg),
-        on_epoch=watch,
-    )
+    trainer.fit(state, data, on_epoch=watch)
     return (reached[0] if reached else None), elapsed
 
 
-def end_to_end(steps: int | None, device: str) -> tuple[float, float]:
+def end_to_end(steps: int | None, device: str, overrides: list[str]) -> tuple[float, float]:
     """Wall seconds of one `python -m gpool.train` epoch and the seconds its MLflow calls took."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [
@@ -183,6 +174,7 @@ def end_to_end(steps: int | None, device: str) -> tuple[float, float]:
             f"trainer.device={device}",
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             f"hydra.run.dir={tmp}/run",
+            *overrides,
         ]
         if steps is not None:
             args.append(f"trainer.limit_train_batches={steps}")
@@ -243,6 +235,11 @@ def main(argv: list[str] | None = None) -> float:
         action="store_true",
         help="skip timing a whole `python -m gpool.train` epoch",
     )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides for every measured run, e.g. data_dir=/data dataset.checksums=null",
+    )
     args = parser.parse_args(argv)
 
     overrides = [
@@ -254,7 +251,7 @@ def main(argv: list[str] | None = None) -> float:
     ]
     if args.steps is not None:
         overrides.append(f"trainer.limit_train_batches={args.steps}")
-    cfg = compose_config(*overrides)
+    cfg = compose_config(*overrides, *args.overrides)
     trainer: Trainer = instantiate(cfg.trainer)
     data = instantiate(cfg.dataset).load(trainer.device, trainer.channels_last)
     device = trainer.device
@@ -279,7 +276,9 @@ def main(argv: list[str] | None = None) -> float:
     ratio = medians["reference"] / medians["gpool"]
 
     if args.tta_epochs:
-        epochs, seconds = time_to_accuracy(args.target_acc, args.tta_epochs, args.device)
+        epochs, seconds = time_to_accuracy(
+            args.target_acc, args.tta_epochs, args.device, args.overrides
+        )
         article = 60 * medians["reference"]
         if epochs is None:
             print(f"\ntime to val acc {args.target_acc}: not reached in {args.tta_epochs} epochs")
@@ -290,7 +289,7 @@ def main(argv: list[str] | None = None) -> float:
                 f"(60 x measured reference epoch), {article / seconds:.0f}x sooner"
             )
     if not args.no_end_to_end:
-        wall, tracking = end_to_end(args.steps, args.device)
+        wall, tracking = end_to_end(args.steps, args.device, args.overrides)
         print(
             f"\nend to end: `python -m gpool.train trainer.epochs=1` took {wall:.1f} s wall; "
             f"MLflow calls {tracking:.2f} s ({100 * tracking / wall:.1f} %)"

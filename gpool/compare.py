@@ -21,16 +21,17 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from gpool import PROJECT_ROOT, GpoolError
+from gpool.config import GROUPS, compose_config
 from gpool.plots import plot_group_curves
-from gpool.tracking import ROLE_TAG, affects_result, child_runs
+from gpool.resume import affects_result
+from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
 
-GROUP_TAGS = ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
 ALPHA = 0.05
 
 
@@ -89,7 +90,7 @@ def factors(runs: Sequence[Run]) -> list[str]:
     def varies(values: list[str | None]) -> bool:
         return len(set(values)) > 1
 
-    groups = [g for g in GROUP_TAGS if varies([r.data.tags.get(g) for r in runs])]
+    groups = [g for g in GROUPS if varies([r.data.tags.get(g) for r in runs])]
     keys = sorted(k for k in set().union(*(r.data.params for r in runs)) if affects_result(k))
     params = [
         k
@@ -105,7 +106,7 @@ def group_name(run: Run, names: Sequence[str]) -> str:
     if not names:
         return "all runs"
     return " ".join(
-        f"{n}={run.data.tags[n] if n in GROUP_TAGS else run.data.params.get(n)}" for n in names
+        f"{n}={run.data.tags[n] if n in GROUPS else run.data.params.get(n)}" for n in names
     )
 
 
@@ -117,44 +118,54 @@ def fetch_curves(client: MlflowClient, run: Run) -> RunCurves:
     return RunCurves(run, series("val_acc"), series("train_acc"))
 
 
+def latest_sweep(client: MlflowClient, experiment_id: str, experiment: str) -> Run:
+    """The newest sweep with finished jobs: a sweep stopped before any job finished has
+    nothing to compare."""
+    for sweep in sweeps(client, experiment_id):
+        if any(r.info.status == "FINISHED" for r in sweep_jobs(client, sweep)):
+            return sweep
+    raise GpoolError(
+        f"no sweep with finished runs in experiment {experiment!r}: run `python -m "
+        "gpool.train -m pool=avg,max seed=0,1,2` first, or pass --filter"
+    )
+
+
 def select_runs(
     client: MlflowClient, experiment: str, parent: str | None, filter_string: str | None
 ) -> tuple[Run | None, list[Run]]:
-    """(parent run or None, FINISHED job runs) for the selection the options describe."""
+    """(the sweep's parent run or None, every job run of the selection, whatever its
+    status): one run per job of a sweep, or the experiment's runs that match the filter."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise GpoolError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}")
-    if parent is None and filter_string is None:
-        # The newest sweep with finished jobs: a rerun whose jobs were all skipped has none.
-        sweeps = client.search_runs(
-            [exp.experiment_id],
-            f"tags.`{ROLE_TAG}` = 'sweep'",
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
-        )
-        for sweep in sweeps:
-            runs = child_runs(client, sweep.info.run_id)
-            if any(r.info.status == "FINISHED" for r in runs):
-                parent = sweep.info.run_id
-                break
+        raise GpoolError(f"no MLflow experiment {experiment!r} in that store")
+    try:
+        if parent is None and filter_string is None:
+            sweep = latest_sweep(client, exp.experiment_id, experiment)
+        elif parent is not None:
+            sweep = client.get_run(parent)
         else:
-            raise GpoolError(
-                f"no sweep with finished runs in experiment {experiment!r} at "
-                f"{client.tracking_uri}: run `python -m gpool.train -m pool=avg,max "
-                "seed=0,1,2` first, or pass --filter"
-            )
-    elif parent is not None:
-        runs = child_runs(client, parent)
-    else:
-        runs = [
-            r
-            for r in client.search_runs([exp.experiment_id], filter_string, max_results=10000)
-            if ROLE_TAG not in r.data.tags
-        ]
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if not finished:
-        raise GpoolError("no FINISHED runs to compare in that selection")
-    return (client.get_run(parent) if parent else None), finished
+            runs = client.search_runs([exp.experiment_id], filter_string, max_results=10000)
+            return None, [r for r in runs if ROLE_TAG not in r.data.tags]
+    except MlflowException as err:  # an unknown run id, a malformed filter
+        raise GpoolError(err.message) from None
+    return sweep, sweep_jobs(client, sweep)
+
+
+def missing_jobs(parent: Run | None, runs: Sequence[Run]) -> list[str]:
+    """Why jobs of the selection are not compared: each run that did not finish with its
+    status (and failure), and the jobs of a sweep that have no run at all."""
+    lines = []
+    for run in runs:
+        if run.info.status != "FINISHED":
+            failure = run.data.tags.get("failure", "").splitlines()[:1]
+            lines.append(f"{run.info.run_name}: {': '.join([run.info.status, *failure])}")
+    expected = int(parent.data.tags.get(EXPECTED_JOBS_TAG, 0)) if parent else 0
+    if expected > len(runs):
+        lines.append(
+            f"{expected - len(runs)} of the sweep's {expected} jobs have no run: they stopped "
+            "before training began, or have not run yet"
+        )
+    return lines
 
 
 def fmt(value: float, digits: int = 2) -> str:
@@ -230,12 +241,11 @@ def markdown(summary: Sequence[dict], pairs: Sequence[dict], line: str) -> str:
 
 def mlflow_defaults() -> tuple[str, str]:
     """The tracking URI and experiment `gpool.train` would use, from the same config."""
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config")
+    cfg = compose_config()
     return cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name
 
 
-def main(argv: list[str] | None = None) -> str:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parent", help="parent run id of a sweep (default: the latest sweep)")
     parser.add_argument(
@@ -253,57 +263,72 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--out", type=Path, help="folder for the table and figure (default: runs/compare/<id>)"
     )
-    args = parser.parse_args(argv)
-    default_uri, default_experiment = mlflow_defaults()
-    client = MlflowClient(args.tracking_uri or default_uri)
-    filter_string = args.filter_string
-    if args.experiment and args.parent is None and filter_string is None:
-        filter_string = ""  # the whole experiment
-    parent, runs = select_runs(
-        client, args.experiment or default_experiment, args.parent, filter_string
-    )
-    names = factors(runs)
-    curves = [fetch_curves(client, r) for r in runs]
-    by_group: dict[str, list[RunCurves]] = {}
-    for c in curves:
-        by_group.setdefault(group_name(c.run, names), []).append(c)
-    groups = [Group(name, members) for name, members in sorted(by_group.items())]
-    summary, pairs = summary_rows(groups), pairwise_rows(groups)
-    line = verdict(groups, pairs)
-    table = markdown(summary, pairs, line)
+    return parser.parse_args(argv)
 
-    out = args.out or PROJECT_ROOT / "runs" / "compare" / (
-        parent.info.run_id if parent else "selection"
-    )
-    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
-    arguments = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "-m", "gpool.compare", *arguments])
+
+def group_runs(client: MlflowClient, runs: Sequence[Run]) -> tuple[list[str], list[Group]]:
+    """(the factors, one Group per combination of them) with each run's curves."""
+    names = factors(runs)
+    by_group: dict[str, list[RunCurves]] = {}
+    for run in runs:
+        by_group.setdefault(group_name(run, names), []).append(fetch_curves(client, run))
+    return names, [Group(name, members) for name, members in sorted(by_group.items())]
+
+
+def write_report(out: Path, report: str, summary: Sequence[dict], groups: Sequence[Group]):
+    """comparison.md, .csv and .png in `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    # The file carries the command that made it, so a committed table can be regenerated.
-    (out / "comparison.md").write_text(
-        f"{len(runs)} finished runs from {source}, made {date.today().isoformat()} by "
-        f"`{command}`\n\n{table}"
-    )
+    (out / "comparison.md").write_text(report)
     with (out / "comparison.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()
         writer.writerows(summary)
-    figure = plot_group_curves(
-        {
-            g.name: {
-                "validation": [r.val_acc for r in g.runs],
-                "training": [r.train_acc for r in g.runs],
-            }
-            for g in groups
-        },
-        out / "comparison.png",
+    curves = {
+        g.name: {
+            "validation": [r.val_acc for r in g.runs],
+            "training": [r.train_acc for r in g.runs],
+        }
+        for g in groups
+    }
+    figure = plot_group_curves(curves, out / "comparison.png")
+    return [out / "comparison.md", out / "comparison.csv", figure]
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = arguments(argv)
+    default_uri, default_experiment = mlflow_defaults()
+    client = open_store(args.tracking_uri or default_uri, create=False)
+    filter_string = args.filter_string
+    if args.experiment and args.parent is None and filter_string is None:
+        filter_string = ""  # the whole experiment
+    parent, jobs = select_runs(
+        client, args.experiment or default_experiment, args.parent, filter_string
     )
-    if parent is not None:
-        for path in (out / "comparison.md", out / "comparison.csv", figure):
+    runs = [r for r in jobs if r.info.status == "FINISHED"]
+    missing = missing_jobs(parent, jobs)
+    if not runs:
+        raise GpoolError("no FINISHED runs to compare in that selection; " + "; ".join(missing))
+    names, groups = group_runs(client, runs)
+    summary, pairs = summary_rows(groups), pairwise_rows(groups)
+    line = verdict(groups, pairs)
+    table = markdown(summary, pairs, line)
+    if missing:
+        table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
+
+    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
+    header = f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}"
+    command = shlex.join(
+        ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]
+    )
+    out = args.out or PROJECT_ROOT / "runs" / "compare" / (
+        parent.info.run_id if parent else "selection"
+    )
+    # The file carries the command that made it, so a committed table can be regenerated.
+    made = f"{header}; made {date.today().isoformat()} by `{command}`"
+    for path in write_report(out, f"{made}\n\n{table}", summary, groups):
+        if parent is not None:
             client.log_artifact(parent.info.run_id, str(path), "comparison")
-    print(f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}\n")
-    print(table)
-    print(f"written to {out}")
+    print(f"{header}\n\n{table}\nwritten to {out}")
     return line
 
 

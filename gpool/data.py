@@ -8,8 +8,10 @@ network itself.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -110,12 +112,78 @@ def check_idx(path: Path) -> None:
         )
 
 
+def check_labels(name: str, images: Tensor, labels: Tensor, num_classes: int, split: str) -> None:
+    """Raise DataError unless every image has one label in [0, num_classes): swapped or
+    mismatched label files would otherwise train a whole epoch before anything fails."""
+    if len(images) != len(labels):
+        raise DataError(
+            f"{name}: the {split} split has {len(images)} images but {len(labels)} labels; "
+            "its label file belongs to another split or dataset"
+        )
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(
+            f"{name}: {split} labels run from {int(labels.min())} to {int(labels.max())}, "
+            f"outside 0..{num_classes - 1} for dataset.num_classes={num_classes}"
+        )
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(folder: Path, checksums: Mapping[str, str | None]) -> None:
+    """Raise DataError unless each file in `folder` has its expected md5 (None: not known).
+
+    Verdicts are cached in `folder/.gpool-verified.json` by file size and modification
+    time, so a data directory costs one read of each file until a file changes.
+    """
+    cache_file = folder / ".gpool-verified.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    for name, expected in checksums.items():
+        if expected is None:
+            continue
+        stat = (folder / name).stat()
+        version = [stat.st_size, stat.st_mtime_ns, expected]
+        if cache.get(name) == version:
+            continue
+        actual = md5_of(folder / name)
+        if actual != expected:
+            raise DataError(
+                f"{folder / name} has md5 {actual}, expected {expected}: the file is corrupt "
+                "or another dataset's; delete it so that it is fetched again"
+            )
+        cache[name] = version
+    with contextlib.suppress(OSError):  # a read-only data dir is verified every time
+        cache_file.write_text(json.dumps(cache))
+
+
+def remove_stale_parts(target: Path) -> None:
+    """Delete half-written copies of `target` left by processes that died writing them."""
+    for part in target.parent.glob(f"{target.name}.part*"):
+        pid = part.name.rpartition(".part")[2]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
+
+
 class TorchvisionImages:
     """A torchvision dataset class loaded into tensors, with FashionMNIST-style offline copies.
 
     Sources, in order: files already in torchvision's layout under `root`; an
     `offline_copy` of the original .gz files (Debian's dataset packages), decompressed into
-    `root` once and checked against known md5s; torchvision's own download.
+    `root` once; torchvision's own download. Whatever put the files there, the run trains
+    only on files whose md5 matches `checksums` (checked once per file version, see
+    verify_files) and whose images and labels agree in number and range.
     """
 
     def __init__(
@@ -130,6 +198,7 @@ class TorchvisionImages:
         std: Sequence[float],
         normalize: bool = True,
         offline_copy: Mapping[str, Any] | None = None,
+        checksums: Mapping[str, str] | None = None,
     ) -> None:
         self.source = source
         self.root = Path(root).expanduser()
@@ -141,6 +210,7 @@ class TorchvisionImages:
         self.mean = list(mean) if normalize else [0.0] * channels
         self.std = list(std) if normalize else [1.0] * channels
         self.offline_copy = offline_copy
+        self.checksums = dict(checksums or {})
 
     @property
     def source_class(self) -> type:
@@ -168,6 +238,13 @@ class TorchvisionImages:
                 f"config says {[self.channels, self.image_size, self.image_size]}"
             )
         labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)
+        check_labels(
+            f"{self.source_class.__name__} under {self.root}",
+            images,
+            labels,
+            len(self.classes),
+            "train" if train else "test",
+        )
         return Split(images.contiguous(), labels)
 
     def _prepare_files(self) -> None:
@@ -178,38 +255,41 @@ class TorchvisionImages:
             return
         raw = self.root / cls.__name__ / "raw"
         names = [Path(name).name.removesuffix(".gz") for name, _ in cls.resources]
-        if all((raw / name).is_file() for name in names):
-            for name in names:
-                check_idx(raw / name)
-            return
         copy_dir = Path(self.offline_copy["dir"]) if self.offline_copy else None
-        if copy_dir and all((copy_dir / f"{name}.gz").is_file() for name in names):
+        if all((raw / name).is_file() for name in names):
+            pass
+        elif copy_dir and all((copy_dir / f"{name}.gz").is_file() for name in names):
             for name in names:
                 self._decompress(copy_dir / f"{name}.gz", raw / name)
-            return
-        self._download_if_missing(tried=[raw, *([copy_dir] if copy_dir else [])])
+        else:
+            self._download_if_missing(tried=[raw, *([copy_dir] if copy_dir else [])])
+        for name in names:
+            check_idx(raw / name)
+        verify_files(raw, {name: self.checksums.get(name) for name in names})
 
     def _decompress(self, source: Path, target: Path) -> None:
         if target.is_file():
-            check_idx(target)
             return
         log.info("decompressing %s into %s", source, target.parent)
         try:
             payload = gzip.decompress(source.read_bytes())
         except (OSError, EOFError) as err:
             raise DataError(f"{source} is not a readable gzip file ({err})") from err
-        expected = self.offline_copy["md5"][target.name]
+        expected = self.checksums.get(target.name)
         actual = hashlib.md5(payload).hexdigest()
-        if actual != expected:
+        if expected is not None and actual != expected:
             raise DataError(
                 f"{source} decompresses to md5 {actual}, expected {expected}: the file is "
                 f"corrupt; reinstall it ({self.offline_copy['install_hint']})"
             )
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_parts(target)
         partial = target.with_name(f"{target.name}.part{os.getpid()}")
-        partial.write_bytes(payload)
-        partial.replace(target)  # atomic: concurrent jobs never see half a file
-        check_idx(target)
+        try:
+            partial.write_bytes(payload)
+            partial.replace(target)  # atomic: concurrent jobs never see half a file
+        finally:
+            partial.unlink(missing_ok=True)
 
     def _download_if_missing(self, tried: Sequence[Path] = ()) -> None:
         name = self.source_class.__name__

@@ -7,23 +7,17 @@ pass over the training set is available as `train_eval_pass` for its exact proto
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, make_dataclass
-from pathlib import Path
-from typing import Any, get_type_hints
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.core.config_store import ConfigStore
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -37,38 +31,11 @@ class NonFiniteLossError(GpoolError):
     """The training loss became NaN or infinite; training further would only log garbage."""
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped training between two steps; the last epoch's checkpoint
-    stands. A KeyboardInterrupt, so that the run is marked KILLED and the sweep stops."""
+class Stop(Protocol):
+    """What the loop asks between steps: raise if the job was told to stop
+    (gpool.resume.StopOnSignal)."""
 
-
-def handle_stop_signals(handler: Callable[[int, Any], None]) -> dict[signal.Signals, Any]:
-    """Route SIGINT and SIGTERM to `handler`; returns the handlers it replaced. Only the
-    main thread may set handlers: elsewhere it does nothing and returns {}."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-class StopOnSignal:
-    """While active, SIGINT and SIGTERM only record the signal; the training loop checks it
-    between steps, so a run never stops half-way through an optimiser step or a checkpoint
-    write. Outside the main thread (where handlers cannot be set) it does nothing."""
-
-    def __init__(self) -> None:
-        self.signal: signal.Signals | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _record(self, signum: int, frame: Any) -> None:
-        self.signal = signal.Signals(signum)
-
-    def __enter__(self) -> StopOnSignal:
-        self._previous = handle_stop_signals(self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def check(self, where: str) -> None: ...
 
 
 @dataclass
@@ -96,6 +63,38 @@ class EpochResult:
         }
 
 
+@dataclass
+class TrainState:
+    """Everything that changes while a run trains: what a checkpoint saves and restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None
+    scheduler_interval: str  # "step" or "epoch"
+    generator: torch.Generator  # the epochs' shuffling order
+    history: list[EpochResult] = field(default_factory=list)
+
+
+@dataclass
+class TrainPass:
+    """One epoch's training pass, still on the device: read once, after the epoch."""
+
+    loss_sum: Tensor
+    correct: Tensor
+    seen: int
+    samples: list[tuple[int, Tensor]]
+
+    def read(self, epoch: int) -> tuple[float, float]:
+        """Mean loss and accuracy; a NaN or infinite loss ends the run here."""
+        loss = self.loss_sum.item() / self.seen
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss} in epoch {epoch}: lower optimizer.lr "
+                "or check the data"
+            )
+        return loss, self.correct.item() / self.seen
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so that the same seed gives the same run on the CPU."""
     random.seed(seed)
@@ -103,71 +102,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None,
-    generator: torch.Generator,
-    history: list[EpochResult],
-    meta: Mapping[str, Any] | None = None,
-) -> None:
-    """Everything needed to continue bit for bit: weights, optimiser and scheduler state,
-    the shuffling generator, the global RNGs and the epochs so far. Written to a temporary
-    file and renamed, so a kill mid-write leaves the previous checkpoint intact."""
-    state = {
-        "epoch": len(history),
-        "history": [asdict(r) for r in history],
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy_rng": np.random.get_state(),
-        "python_rng": random.getstate(),
-        "meta": dict(meta or {}),
-    }
-    partial = path.with_name(f"{path.name}.tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint gpool wrote (it holds NumPy and Python RNG states, so it is not a
-    weights-only file: load only gpool's own checkpoints)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def restore(
-    state: Mapping[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None,
-    generator: torch.Generator,
-) -> list[EpochResult]:
-    """Load a checkpoint's state into live objects; returns the epochs already done."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
-    return [
-        EpochResult(**{**r, "step_losses": [tuple(s) for s in r["step_losses"]]})
-        for r in state["history"]
-    ]
-
-
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present, so one config serves laptops and GPU nodes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GpoolError(
+            f"trainer.device={device}, but torch sees no CUDA GPU here; use trainer.device=auto "
+            "(the GPU when there is one, else the CPU) or trainer.device=cpu"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise GpoolError(f"trainer.device={device} is no device torch knows ({err})") from None
+
+
+def at_least(minimum: int, **values: int | None) -> None:
+    """Refuse a count below `minimum` (None means "no limit" and passes)."""
+    for key, value in values.items():
+        if value is not None and value < minimum:
+            raise GpoolError(f"trainer.{key} must be >= {minimum}, not {value}")
 
 
 class Trainer:
@@ -192,7 +146,12 @@ class Trainer:
         resume: bool = True,
     ) -> None:
         if precision not in ("32", "bf16"):
-            raise ValueError(f"trainer.precision must be '32' or 'bf16', not {precision!r}")
+            raise GpoolError(f"trainer.precision must be '32' or 'bf16', not {precision!r}")
+        if init not in ("default", "xavier"):
+            raise GpoolError(f"trainer.init must be 'default' or 'xavier', not {init!r}")
+        at_least(1, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size)
+        at_least(1, log_every_n_steps=log_every_n_steps, threads=threads)
+        at_least(1, limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches)
         self.epochs = epochs
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -227,7 +186,7 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return model.to(self.device, memory_format=memory_format)
 
-    def fit(
+    def start(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -235,167 +194,94 @@ class Trainer:
         seed: int,
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
-        on_epoch: Callable[[EpochResult], None] | None = None,
-        checkpoint: Path | None = None,
-        resume: Mapping[str, Any] | None = None,
-        checkpoint_meta: Mapping[str, Any] | None = None,
-    ) -> list[EpochResult]:
-        """Train for `epochs`, calling `on_epoch` after each with what it measured.
-
-        `scheduler` is a partial of a torch lr scheduler; a per-step one ('step' interval)
-        also receives steps_per_epoch. After `on_epoch`, the whole training state is written
-        to `checkpoint` (with `checkpoint_meta`, e.g. the MLflow run id, under "meta");
-        passing that state back as `resume` continues with the next epoch
-        exactly as if the run had not stopped. SIGINT/SIGTERM stop the run at the next
-        step boundary with RunInterrupted.
-        """
+    ) -> TrainState:
+        """The state before epoch 1. `scheduler` is a partial of a torch lr scheduler; a
+        per-step one ('step' interval) also receives steps_per_epoch."""
         if scheduler_interval not in ("step", "epoch"):
-            raise ValueError(
+            raise GpoolError(
                 f"scheduler.interval must be 'step' or 'epoch', not {scheduler_interval!r}"
             )
-        steps = self.steps_per_epoch(data)
         if scheduler is not None:
+            steps = self.steps_per_epoch(data)
             extra = {"steps_per_epoch": steps} if scheduler_interval == "step" else {}
             scheduler = scheduler(optimizer, **extra)
         generator = torch.Generator().manual_seed(seed)
+        return TrainState(model, optimizer, scheduler, scheduler_interval, generator)
+
+    def fit(
+        self,
+        state: TrainState,
+        data: ImageData,
+        on_epoch: Callable[[EpochResult], None] | None = None,
+        stop: Stop | None = None,
+    ) -> list[EpochResult]:
+        """Train from the epoch after `state.history` to `epochs`, calling `on_epoch` after
+        each (where the caller logs and checkpoints); `stop` is asked between steps."""
         # The compiled wrapper shares the model's parameters; callers keep the plain model
         # (its state_dict has no `_orig_mod.` prefix). Compile time lands in epoch 1.
-        run_model = torch.compile(model) if self.compile else model
-        history: list[EpochResult] = []
-        if resume is not None:
-            history = restore(resume, model, optimizer, scheduler, generator)
-            log.info("resuming after epoch %d", len(history))
-        with StopOnSignal() as stop:
-            for epoch in range(len(history) + 1, self.epochs + 1):
-                result = self._epoch(
-                    run_model,
-                    optimizer,
-                    data,
-                    generator,
-                    steps,
-                    epoch,
-                    scheduler,
-                    scheduler_interval,
-                    stop,
-                )
-                history.append(result)
-                if on_epoch is not None:
-                    on_epoch(result)
-                if checkpoint is not None:
-                    save_checkpoint(
-                        checkpoint,
-                        model,
-                        optimizer,
-                        scheduler,
-                        generator,
-                        history,
-                        meta=checkpoint_meta,
-                    )
-        return history
-
-    def _epoch(
-        self,
-        run_model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        data: ImageData,
-        generator: torch.Generator,
-        steps: int,
-        epoch: int,
-        scheduler: Any | None,
-        scheduler_interval: str,
-        stop: StopOnSignal,
-    ) -> EpochResult:
-        """Train one epoch, then measure it."""
-        lr = optimizer.param_groups[0]["lr"]
-        start = time.perf_counter()
-        loss_sum, correct, seen, samples = self._train_epoch(
-            run_model,
-            optimizer,
-            data,
-            generator,
-            steps,
-            epoch,
-            scheduler if scheduler_interval == "step" else None,
-            stop,
-        )
-        if scheduler is not None and scheduler_interval == "epoch":
-            scheduler.step()
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
-                f"training loss became {train_loss} in epoch {epoch}: lower optimizer.lr "
-                "or check the data"
+        model = torch.compile(state.model) if self.compile else state.model
+        for epoch in range(len(state.history) + 1, self.epochs + 1):
+            lr = state.optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            trained = self._train_pass(model, state, data, epoch, stop)
+            if state.scheduler is not None and state.scheduler_interval == "epoch":
+                state.scheduler.step()
+            train_loss, train_acc = trained.read(epoch)
+            if self.train_eval_pass:
+                steps = self.steps_per_epoch(data)
+                train_loss, train_acc = self.evaluate(model, data, data.train, limit=steps)
+            val_loss, val_acc = self.evaluate(model, data, data.val, self.limit_val_batches)
+            seconds = time.perf_counter() - start
+            samples = [(step, loss.item()) for step, loss in trained.samples]
+            result = EpochResult(
+                epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, samples
             )
-        train_acc = correct.item() / seen
-        if self.train_eval_pass:
-            train_loss, train_acc = self.evaluate(run_model, data, data.train, limit=steps)
-        val_loss, val_acc = self.evaluate(run_model, data, data.val, limit=self.limit_val_batches)
-        result = EpochResult(
-            epoch=epoch,
-            train_loss=train_loss,
-            train_acc=train_acc,
-            val_loss=val_loss,
-            val_acc=val_acc,
-            lr=lr,
-            epoch_seconds=time.perf_counter() - start,
-            step_losses=[(step, loss.item()) for step, loss in samples],
-        )
-        log.info(
-            "epoch %d/%d training_loss: %.4f training_accuracy: %.4f "
-            "validation_loss: %.4f validation_accuracy: %.4f (%.1f s)",
-            epoch,
-            self.epochs,
-            train_loss,
-            train_acc,
-            val_loss,
-            val_acc,
-            result.epoch_seconds,
-        )
-        return result
+            state.history.append(result)
+            log.info(
+                "epoch %d/%d training_loss: %.4f training_accuracy: %.4f validation_loss: "
+                "%.4f validation_accuracy: %.4f (%.1f s)",
+                *(epoch, self.epochs, train_loss, train_acc, val_loss, val_acc, seconds),
+            )
+            if on_epoch is not None:
+                on_epoch(result)
+        return state.history
 
-    def _train_epoch(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        data: ImageData,
-        generator: torch.Generator,
-        steps: int,
-        epoch: int,
-        step_scheduler: Any | None,
-        stop: StopOnSignal,
-    ) -> tuple[Tensor, Tensor, int, list[tuple[int, Tensor]]]:
-        """One pass; returns device-side loss sum and correct count, the sample count and
-        the sampled per-step losses (still tensors: read after the epoch)."""
+    def _train_pass(
+        self, model: nn.Module, state: TrainState, data: ImageData, epoch: int, stop: Stop | None
+    ) -> TrainPass:
+        """One epoch of steps in the generator's order; a per-step scheduler steps too."""
         model.train()
+        steps = self.steps_per_epoch(data)
         n = len(data.train)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=state.generator) if self.shuffle else torch.arange(n)
         order = order[: steps * self.batch_size].to(self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        samples: list[tuple[int, Tensor]] = []
+        step_scheduler = state.scheduler if state.scheduler_interval == "step" else None
+        trained = TrainPass(
+            loss_sum=torch.zeros((), device=self.device),
+            correct=torch.zeros((), dtype=torch.int64, device=self.device),
+            seen=order.shape[0],
+            samples=[],
+        )
         first_step = (epoch - 1) * steps
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=None)
         for i in bar:
-            if stop.signal is not None:
-                raise RunInterrupted(
-                    f"stopped by {stop.signal.name} in epoch {epoch}; rerun the same command "
-                    f"to resume after epoch {epoch - 1}"
-                )
+            if stop is not None:
+                stop.check(f"in epoch {epoch} (the checkpoint after epoch {epoch - 1} stands)")
             x, y = data.batch(data.train, order[i * self.batch_size : (i + 1) * self.batch_size])
             with self.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
+            state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            state.optimizer.step()
             if step_scheduler is not None:
                 step_scheduler.step()
             loss = loss.detach()
-            loss_sum += loss * y.shape[0]
-            correct += (logits.argmax(1) == y).sum()
+            trained.loss_sum += loss * y.shape[0]
+            trained.correct += (logits.argmax(1) == y).sum()
             if (first_step + i + 1) % self.log_every_n_steps == 0:
-                samples.append((first_step + i + 1, loss))
-        return loss_sum, correct, order.shape[0], samples
+                trained.samples.append((first_step + i + 1, loss))
+        return trained
 
     def _eval_batches(
         self, model: nn.Module, data: ImageData, split: Split, n: int
@@ -425,23 +311,3 @@ class Trainer:
         """The predicted class of every image of `split`, on the CPU."""
         batches = self._eval_batches(model, data, split, len(split))
         return torch.cat([logits.argmax(1) for logits, _ in batches]).cpu()
-
-
-def _register_trainer_schema() -> None:
-    """conf/trainer options extend this schema, generated from Trainer's signature, so that
-    Hydra rejects a wrong type (`trainer.epochs=ten`) or an unknown key when composing,
-    before anything runs or is logged."""
-    hints = get_type_hints(Trainer.__init__)
-    fields: list[tuple[str, Any, Any]] = []
-    for name, parameter in inspect.signature(Trainer.__init__).parameters.items():
-        if name == "self":
-            continue
-        default = MISSING if parameter.default is inspect.Parameter.empty else parameter.default
-        fields.append((name, hints[name], field(default=default)))
-    fields.append(("_target_", str, field(default="gpool.engine.Trainer")))
-    ConfigStore.instance().store(
-        group="trainer", name="schema", node=make_dataclass("TrainerSchema", fields)
-    )
-
-
-_register_trainer_schema()

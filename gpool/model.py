@@ -3,6 +3,8 @@
 from collections.abc import Sequence
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 
@@ -66,3 +68,8 @@ class ConvNet(nn.Module):
             if isinstance(module, nn.Conv2d | nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.constant_(module.bias, 0.01)
+
+
+def build_model(cfg: DictConfig) -> ConvNet:
+    """The network a config describes: conf/model with the head from conf/pool."""
+    return instantiate(cfg.model, pool=instantiate(cfg.pool))

@@ -7,28 +7,44 @@ depends on process-global MLflow state left by the job before it in a multirun.
 from __future__ import annotations
 
 import atexit
-import hashlib
-import json
+import base64
+import contextlib
 import logging
 import os
+import re
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gpool import PROJECT_ROOT, GpoolError
-from gpool.engine import EpochResult, handle_stop_signals
+from gpool.config import GROUPS, flatten
+from gpool.engine import EpochResult
+from gpool.resume import (
+    HASH_TAG,
+    LAUNCHER_PID_ENV,
+    affects_result,
+    alive_at,
+    claim,
+    config_hash,
+    handle_stop_signals,
+    is_alive,
+    mark_dead_runs_killed,
+    process_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +52,20 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 #: Tag that marks a sweep's parent run (value "sweep").
 ROLE_TAG = "gpool.role"
-#: Tag holding config_hash(): how a rerun finds the run of the same config.
-HASH_TAG = "gpool.config_hash"
-#: Tag holding the path of the run's latest checkpoint.
-CHECKPOINT_TAG = "gpool.checkpoint"
-#: Config keys (and prefixes) left out of config_hash and of gpool.compare's factors.
-NOT_RESULT_KEYS = ("mlflow", "data_dir", "trainer.threads", "trainer.resume")
+#: Tag of a sweep's parent run: what identifies "the same sweep" when it is run again.
+SWEEP_KEY_TAG = "gpool.sweep_key"
+#: Tag of a sweep's parent run: how many jobs the sweep has (basic sweeper only).
+EXPECTED_JOBS_TAG = "gpool.jobs"
+#: Tags of a sweep's parent run, one per job: gpool.job.<config hash> = the job's run id,
+#: also for a job that finished in an earlier sweep and was skipped.
+JOB_TAG_PREFIX = "gpool.job."
 #: How a multirun's jobs, in this process or in launcher-started ones, find their parent run.
 PARENT_RUN_ENV = "GPOOL_PARENT_RUN_ID"
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
-MAX_PARAM_LENGTH = 6000
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"dotted.key": "value"}, the shape MLflow params need."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:MAX_PARAM_LENGTH]
-    return flat
+#: user:password@ in a URI (a tracking server's basic auth, a database password), also as
+#: Hydra escapes it in a job's overrides (`http\://user\:password@host`).
+USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://)[^/\s@]+@")
 
 
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -66,45 +73,85 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
+def redact(text: str) -> str:
+    """`text` with the credentials of every URI in it removed: nothing gpool logs to MLflow
+    (params, tags, run names, config files) carries a password."""
+    return USERINFO.sub(r"\g<scheme>", text)
+
+
 def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI, else None."""
-    parsed = urlparse(tracking_uri)
-    return Path(parsed.path) if parsed.scheme == "sqlite" else None
+    """The database file of a sqlite URI (`sqlite:///relative` or `sqlite:////absolute`,
+    SQLAlchemy's rule), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).absolute()
+
+
+def store_uri(tracking_uri: str) -> str:
+    """The tracking URI with a relative sqlite path made absolute, so that the database and
+    its artifacts land in one place whatever the cwd of each job."""
+    db = sqlite_path(tracking_uri)
+    return f"sqlite:///{db}" if db is not None else tracking_uri
 
 
 def check_reachable(tracking_uri: str) -> None:
     """Fail fast with one message when a tracking server does not answer; MLflow's own
-    client would retry for minutes first."""
-    if urlparse(tracking_uri).scheme not in ("http", "https"):
+    client would retry for minutes first. Credentials in the URI go in a header."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme not in ("http", "https"):
         return
+    url = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+    request = urllib.request.Request(f"{url.rstrip('/')}/health")
+    if parsed.username is not None:
+        secret = f"{unquote(parsed.username)}:{unquote(parsed.password or '')}"
+        request.add_header("Authorization", f"Basic {base64.b64encode(secret.encode()).decode()}")
     try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10)
+        urllib.request.urlopen(request, timeout=10)
     except OSError as err:
         raise GpoolError(
-            f"MLflow tracking server {tracking_uri} is unreachable ({err}); start it "
+            f"MLflow tracking server {url} is unreachable ({err}); start it "
             "(`mlflow server --host 127.0.0.1 --port PORT ...`) or point "
             "mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere"
         ) from None
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Create (and for sqlite, migrate) the store and the experiment; return its id.
-
-    Run once before any job: several processes opening a fresh sqlite store at once each
-    run the schema migration and corrupt it.
-    """
+def open_store(tracking_uri: str, create: bool) -> MlflowClient:
+    """A client for the store, checked first so that every command fails in seconds with
+    one message: a server must answer; a sqlite store must be writable where it lies
+    (`create`, for training) or already exist (reading, e.g. gpool.compare)."""
+    tracking_uri = store_uri(tracking_uri)
     check_reachable(tracking_uri)
     db = sqlite_path(tracking_uri)
-    artifact_location = None
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        # Beside the DB, not relative to whichever cwd the job has.
-        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-    client = MlflowClient(tracking_uri)
+    if db is not None and not create and not db.is_file():
+        raise GpoolError(f"no MLflow store at {db}: check the path of {redact(tracking_uri)}")
+    if db is not None and create:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=db.parent):
+                pass
+            if db.exists():
+                db.open("ab").close()
+        except OSError as err:
+            raise GpoolError(
+                f"the MLflow store {db} cannot be written ({err.strerror or err}); point "
+                "mlflow.tracking_uri / MLFLOW_TRACKING_URI at a writable place"
+            ) from None
+    return MlflowClient(tracking_uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it (artifacts beside a sqlite DB) if it is new.
+
+    Created once before any job (SweepTracking): several processes opening a fresh sqlite
+    store at once each run the schema migration and corrupt it.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+    db = sqlite_path(client.tracking_uri)
+    # Beside the DB, not relative to whichever cwd the job has.
+    location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def check_writable(folder: Path, key: str) -> None:
@@ -120,16 +167,51 @@ def check_writable(folder: Path, key: str) -> None:
         ) from None
 
 
+def override_key(override: str) -> str:
+    """`+trainer.epochs=3` -> `trainer.epochs`; `hydra/launcher=joblib` -> `hydra/launcher`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def sweep_key(config: DictConfig) -> str:
+    """What makes two multiruns the same sweep: the experiment, the config files they start
+    from and the overrides that can change a result (the last of each key, in any order);
+    not where or how their jobs run (hydra.*, threads, the store)."""
+    effective = {override_key(o): o for o in config.hydra.overrides.task}
+    kept = sorted(
+        o for k, o in effective.items() if not k.startswith("hydra") and affects_result(k)
+    )
+    base = {k: v for k, v in OmegaConf.to_container(config).items() if k != "hydra"}
+    return " ".join([config.mlflow.experiment_name, config_hash(base), *kept])
+
+
+def expected_jobs(config: DictConfig) -> int | None:
+    """The number of jobs the basic sweeper will launch (None for other sweepers, or when
+    the overrides need the config to expand, like glob choices)."""
+    sweeper = config.hydra.sweeper
+    if not sweeper.get("_target_", "").endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [*params, *config.hydra.overrides.task]
+        )
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    except Exception:  # any expansion that needs more than the parser: not counted
+        return None
+
+
 class SweepTracking(Callback):
     """Hydra callback, run in the launching process, before any job.
 
     Checks that the output folder is writable and prepares the MLflow store before any job
-    starts (see ensure_experiment) and, for a multirun, opens one parent
-    run that every job's run nests under. Jobs learn the parent's id from the environment
-    variable PARENT_RUN_ENV, which processes started by other launchers inherit. The parent
-    ends FINISHED when every child did, KILLED when the sweep was interrupted, FAILED
-    otherwise (also when Hydra stops on a failed job before `on_multirun_end`, through an
-    atexit hook).
+    starts (see experiment_id), ends runs whose process is gone as KILLED and, for a
+    multirun, opens the sweep's parent run that every job's run nests under. Running the
+    same sweep again continues its parent run, and every job, skipped ones included,
+    records its run on the parent, so the sweep always holds all its jobs. Jobs learn the
+    parent's id from the environment variable PARENT_RUN_ENV, which processes started by
+    other launchers inherit. The parent ends FINISHED when every job did, KILLED when the
+    sweep was interrupted, FAILED otherwise (also when Hydra stops on a failed job before
+    `on_multirun_end`, through an atexit hook).
 
     SIGTERM stops the launching process the way Ctrl-C does: launchers that run jobs in
     worker processes (joblib) then stop their workers, and the parent run is closed,
@@ -142,35 +224,53 @@ class SweepTracking(Callback):
         self.interrupted = False
 
     @staticmethod
-    def prepare(config: DictConfig, output_dir: str, key: str) -> str:
-        """Check the outputs and the store; stop the whole command on a problem.
-
-        Hydra turns exceptions raised in callbacks into warnings and carries on, so a
-        problem found here ends the process with its one-line message instead.
-        """
+    def prepare(config: DictConfig, output_dir: str, key: str) -> tuple[MlflowClient, str]:
+        """Check the outputs and the store, tidy dead runs; stop the whole command on a
+        problem. Hydra turns exceptions raised in callbacks into warnings and carries on,
+        so a problem found here ends the process with its one-line message instead."""
         try:
             check_writable(Path(output_dir), key)
-            return ensure_experiment(config.mlflow.tracking_uri, config.mlflow.experiment_name)
-        except GpoolError as err:
+            with claim(store_uri(config.mlflow.tracking_uri), "store"):  # one creator
+                client = open_store(config.mlflow.tracking_uri, create=True)
+                experiment = experiment_id(client, config.mlflow.experiment_name)
+        except (GpoolError, MlflowException) as err:
             raise SystemExit(f"gpool: {err}") from None
+        mark_dead_runs_killed(client, experiment)
+        return client, experiment
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.prepare(config, config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        experiment_id = self.prepare(config, config.hydra.sweep.dir, "hydra.sweep.dir")
-        tracking_uri = config.mlflow.tracking_uri
-        overrides = " ".join(config.hydra.overrides.task)
-        client = MlflowClient(tracking_uri)
-        tags = {ROLE_TAG: "sweep", "sweep_dir": str(config.hydra.sweep.dir), "overrides": overrides}
+        client, experiment = self.prepare(config, config.hydra.sweep.dir, "hydra.sweep.dir")
+        overrides = redact(" ".join(config.hydra.overrides.task))
+        key = sweep_key(config)
+        tags = {
+            ROLE_TAG: "sweep",
+            SWEEP_KEY_TAG: redact(key),
+            "sweep_dir": str(config.hydra.sweep.dir),
+            "overrides": overrides,
+            **process_tags(),
+        }
+        if jobs := expected_jobs(config):
+            tags[EXPECTED_JOBS_TAG] = str(jobs)
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
-        run = client.create_run(experiment_id, run_name=f"sweep {overrides}".strip(), tags=tags)
-        self.parent = (tracking_uri, run.info.run_id)
-        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        if earlier := earlier_sweep(client, experiment, redact(key)):
+            run_id = earlier.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            for name, value in tags.items():
+                client.set_tag(run_id, name, value)
+            log.info("MLflow sweep run %s continued: %s", run_id, overrides)
+        else:
+            name = f"sweep {overrides}".strip()
+            run_id = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+            log.info("MLflow sweep run %s: %s", run_id, overrides)
+        self.parent = (client.tracking_uri, run_id)
+        os.environ[PARENT_RUN_ENV] = run_id
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
         handle_stop_signals(self._interrupt)
-        log.info("MLflow sweep run %s: %s", run.info.run_id, overrides)
 
     def _interrupt(self, signum: int, frame: Any) -> None:
         self.interrupted = True
@@ -180,23 +280,23 @@ class SweepTracking(Callback):
         self.close_parent(completed=True)
 
     def close_parent(self, completed: bool = False) -> None:
-        """End the parent run: FINISHED when Hydra completed the sweep and every child run
-        FINISHED (a rerun whose jobs were all skipped has none); KILLED when a signal stopped
-        the sweep or one of its jobs; FAILED otherwise."""
+        """End the parent run: FINISHED when Hydra completed the sweep and every job's run
+        FINISHED; KILLED when a signal stopped the sweep or one of its jobs; FAILED
+        otherwise."""
         if self.parent is None:
             return
         tracking_uri, run_id = self.parent
         client = MlflowClient(tracking_uri)
         self.parent = None
         os.environ.pop(PARENT_RUN_ENV, None)
-        children = child_runs(client, run_id)
+        jobs = sweep_jobs(client, client.get_run(run_id))
         if not completed:  # stopped launchers kill their workers: give up their runs
             deadline = time.monotonic() + 10
-            for child in children:
-                if child.info.status == "RUNNING" and not alive_at(child, deadline):
-                    mark_killed(tracking_uri, child.info.run_id)
-            children = child_runs(client, run_id)
-        statuses = {c.info.status for c in children}
+            for job in jobs:
+                if job.info.status == "RUNNING" and not alive_at(job, deadline):
+                    client.set_terminated(job.info.run_id, "KILLED")
+            jobs = sweep_jobs(client, client.get_run(run_id))
+        statuses = {job.info.status for job in jobs}
         if completed and statuses <= {"FINISHED"}:
             status = "FINISHED"
         elif self.interrupted or "KILLED" in statuses:
@@ -206,91 +306,55 @@ class SweepTracking(Callback):
         client.set_terminated(run_id, status)
 
 
-def child_runs(client: MlflowClient, parent_run_id: str) -> list[Run]:
-    """The job runs of a sweep, oldest first."""
-    parent = client.get_run(parent_run_id)
+def sweeps(client: MlflowClient, experiment: str) -> list[Run]:
+    """The experiment's sweeps (their parent runs), newest first."""
     return client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=10000,
-    )
-
-
-def affects_result(key: str) -> bool:
-    """Whether a dotted config key can change what a run learns; where it is logged or
-    cached, its thread count and whether it resumes cannot."""
-    return not any(key == p or key.startswith(f"{p}.") for p in NOT_RESULT_KEYS)
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A fingerprint of what determines a run's result: the resolved config's keys that
-    affect it (see affects_result)."""
-    kept = {k: v for k, v in flatten(config).items() if affects_result(k)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def previous_run(tracking_uri: str, experiment_name: str, fingerprint: str) -> Run | None:
-    """The newest run of the same config: a FINISHED one first, else the newest of any."""
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`{HASH_TAG}` = '{fingerprint}'",
+        [experiment],
+        f"tags.`{ROLE_TAG}` = 'sweep'",
         order_by=["attributes.start_time DESC"],
+        max_results=1000,
     )
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    return (finished or runs or [None])[0]
 
 
-def slurm_job() -> str | None:
-    """This process's SLURM job (array job_task), which a requeued job keeps."""
-    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    return os.environ.get("SLURM_JOB_ID")
+def earlier_sweep(client: MlflowClient, experiment: str, key: str) -> Run | None:
+    """The newest parent run of the same sweep, unless it is still running somewhere."""
+    for sweep in sweeps(client, experiment):
+        if sweep.data.tags.get(SWEEP_KEY_TAG) == key:
+            return None if sweep.info.status == "RUNNING" and is_alive(sweep) else sweep
+    return None
 
 
-def on_this_host(run: Run) -> bool:
-    """Whether the run's process was started on this machine (its pid means something here)."""
-    return run.data.tags.get("gpool.host") == socket.gethostname()
+def register_job(client: MlflowClient, fingerprint: str, run_id: str) -> None:
+    """Record on the sweep's parent run (if this job has one) that `run_id` is this job's."""
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        client.set_tag(parent, f"{JOB_TAG_PREFIX}{fingerprint}", run_id)
 
 
-def is_alive(run: Run) -> bool:
-    """Whether a RUNNING run's process still lives; a SIGKILL'd one left RUNNING does not.
-
-    A run started by this very SLURM job is a pre-empted earlier incarnation of it (dead);
-    on this host the pid tells; a process on another host cannot be checked and counts as
-    alive.
-    """
-    tags = run.data.tags
-    if tags.get("gpool.slurm_job") and tags["gpool.slurm_job"] == slurm_job():
-        return False
-    if not on_this_host(run):
-        return True
-    try:
-        os.kill(int(tags.get("gpool.pid", "0")), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return int(tags["gpool.pid"]) != os.getpid()
-
-
-def alive_at(run: Run, deadline: float) -> bool:
-    """Whether a RUNNING run's process still lives, waiting until `deadline` (monotonic
-    seconds) for one on this host that was just told to stop; one elsewhere counts as alive
-    at once (see is_alive)."""
-    while is_alive(run):
-        if not on_this_host(run) or time.monotonic() > deadline:
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def mark_killed(tracking_uri: str, run_id: str) -> None:
-    MlflowClient(tracking_uri).set_terminated(run_id, "KILLED")
+def sweep_jobs(client: MlflowClient, parent: Run) -> list[Run]:
+    """One run per job of a sweep, oldest first: its child runs and the runs its jobs
+    recorded (finished in an earlier sweep). Where a config has several runs (a retrain
+    with trainer.resume=false), its newest FINISHED one, else its newest."""
+    runs = {
+        r.info.run_id: r
+        for r in client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+            max_results=10000,
+        )
+    }
+    for name, run_id in parent.data.tags.items():
+        if name.startswith(JOB_TAG_PREFIX) and run_id not in runs:
+            try:
+                runs[run_id] = client.get_run(run_id)
+            except MlflowException:  # deleted since: that job has no run now
+                continue
+    by_config: dict[str, Run] = {}
+    for run in sorted(runs.values(), key=lambda r: r.info.start_time):
+        config = run.data.tags.get(HASH_TAG, run.info.run_id)
+        kept = by_config.get(config)
+        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
+            by_config[config] = run
+    return sorted(by_config.values(), key=lambda r: r.info.start_time)
 
 
 def git_commit() -> str | None:
@@ -305,66 +369,71 @@ def git_commit() -> str | None:
 
 class Tracker:
     """Context manager around one MLflow run: FINISHED on success, FAILED on an exception,
-    KILLED on Ctrl-C; the exception always propagates."""
+    KILLED on Ctrl-C; the exception always propagates. Params, tags and the run name go
+    through `redact`."""
 
     def __init__(
         self,
-        tracking_uri: str,
-        experiment_name: str,
+        client: MlflowClient,
+        experiment: str,
         run_name: str,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         resume_run_id: str | None = None,
     ) -> None:
         self.seconds = 0.0  # spent in MLflow calls; logged as `mlflow_seconds` at the end
-        start = time.perf_counter()
-        self.client = MlflowClient(tracking_uri)
-        self.experiment_id = ensure_experiment(tracking_uri, experiment_name)
-        self.seconds += time.perf_counter() - start
-        self.run_name = run_name
-        self.params = flatten(params)
-        self.tags = {k: str(v) for k, v in tags.items() if v is not None}
+        self.client = client
+        self.experiment_id = experiment
+        self.run_name = redact(run_name)
+        self.params = {k: redact(v) for k, v in flatten(params).items()}
+        self.tags = {k: redact(str(v)) for k, v in tags.items() if v is not None}
         if commit := git_commit():
             self.tags["mlflow.source.git.commit"] = commit
         if parent := os.environ.get(PARENT_RUN_ENV):
             self.tags["mlflow.parentRunId"] = parent
-        self.tags.update({"gpool.host": socket.gethostname(), "gpool.pid": str(os.getpid())})
-        if job := slurm_job():
-            self.tags["gpool.slurm_job"] = job
+        self.tags.update(process_tags())
+        self.resumed = resume_run_id is not None
         self.run_id = resume_run_id or ""
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call an MlflowClient method, adding its time to `seconds`."""
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call an MLflow function, adding its time to `seconds`."""
         start = time.perf_counter()
         try:
-            return getattr(self.client, method)(*args, **kwargs)
+            return method(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
 
     def __enter__(self) -> Tracker:
-        if self.run_id:  # resuming: same run, same params; it is RUNNING again, here
-            self._call("update_run", self.run_id, status="RUNNING")
+        where = redact(self.client.tracking_uri)
+        if self.resumed:  # same run, same params; it is RUNNING again, here
+            self._call(self.client.update_run, self.run_id, status="RUNNING")
             for key, value in self.tags.items():
-                self._call("set_tag", self.run_id, key, value)
-            log.info("MLflow run %s (%s) resumed", self.run_id, self.run_name)
-            return self
-        run = self._call("create_run", self.experiment_id, run_name=self.run_name, tags=self.tags)
-        self.run_id = run.info.run_id
-        params = [Param(k, v) for k, v in self.params.items()]
-        for batch in chunks(params, MAX_PARAMS_PER_BATCH):
-            self._call("log_batch", self.run_id, params=batch)
-        log.info("MLflow run %s (%s) in %s", self.run_id, self.run_name, self.client.tracking_uri)
+                self._call(self.client.set_tag, self.run_id, key, value)
+            log.info("MLflow run %s (%s) resumed in %s", self.run_id, self.run_name, where)
+        else:
+            create = self.client.create_run
+            run = self._call(create, self.experiment_id, run_name=self.run_name, tags=self.tags)
+            self.run_id = run.info.run_id
+            params = [Param(k, v) for k, v in self.params.items()]
+            for batch in chunks(params, MAX_PARAMS_PER_BATCH):
+                self._call(self.client.log_batch, self.run_id, params=batch)
+            log.info("MLflow run %s (%s) in %s", self.run_id, self.run_name, where)
+        self._call(register_job, self.client, self.tags[HASH_TAG], self.run_id)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any):
         if exc_type is None:
             status = RunStatus.FINISHED
+            if self.resumed:  # an earlier failure no longer describes this run
+                with contextlib.suppress(MlflowException):  # there was none
+                    self._call(self.client.delete_tag, self.run_id, "failure")
         elif issubclass(exc_type, KeyboardInterrupt):
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
-            self._call("set_tag", self.run_id, "failure", f"{exc_type.__name__}: {exc}"[:5000])
-        self._call("log_metric", self.run_id, "mlflow_seconds", self.seconds)
+            failure = redact(f"{exc_type.__name__}: {exc}")[:5000]
+            self._call(self.client.set_tag, self.run_id, "failure", failure)
+        self._call(self.client.log_metric, self.run_id, "mlflow_seconds", self.seconds)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
         return False
 
@@ -374,26 +443,20 @@ class Tracker:
         metrics = [Metric(k, v, now, result.epoch) for k, v in result.metrics().items()]
         metrics += [Metric("train_step_loss", v, now, step) for step, v in result.step_losses]
         for batch in chunks(metrics, MAX_METRICS_PER_BATCH):
-            self._call("log_batch", self.run_id, metrics=batch)
+            self._call(self.client.log_batch, self.run_id, metrics=batch)
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for path in paths:
-            if path.is_dir():
-                self._call("log_artifacts", self.run_id, str(path), artifact_path or path.name)
-            else:
-                self._call("log_artifact", self.run_id, str(path), artifact_path)
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        self._call("log_text", self.run_id, text, name)
+        """A text artifact, with any credentials in it removed."""
+        self._call(self.client.log_text, self.run_id, redact(text), name)
 
 
 def tags_for(choices: Mapping[str, str | None], seed: int, overrides: list[str]) -> dict[str, Any]:
     """Tags the MLflow UI groups by: each config group's choice, the seed, the overrides."""
-    tags: dict[str, Any] = {
-        group: choice
-        for group, choice in choices.items()
-        if group in ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
-    }
+    tags: dict[str, Any] = {group: choice for group, choice in choices.items() if group in GROUPS}
     tags["seed"] = seed
     tags["overrides"] = " ".join(overrides)
     return tags

@@ -5,48 +5,47 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.optim import Optimizer
 
 from gpool import PROJECT_ROOT, GpoolError
+from gpool.config import build as build_object
+from gpool.config import check_values
 from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
-from gpool.engine import EpochResult, Trainer, load_checkpoint, seed_everything
+from gpool.engine import Trainer, TrainState, seed_everything
+from gpool.model import build_model
 from gpool.plots import plot_class_maps, plot_confusion, plot_curves
-from gpool.tracking import (
+from gpool.resume import (
     CHECKPOINT_TAG,
     HASH_TAG,
-    Tracker,
+    StopOnSignal,
+    claim,
     config_hash,
-    is_alive,
-    mark_killed,
-    previous_run,
-    tags_for,
+    load_checkpoint,
+    restore,
+    resume_point,
+    save_checkpoint,
+    stop_with_launcher,
 )
+from gpool.tracking import Tracker, experiment_id, open_store, redact, register_job, tags_for
 
 log = logging.getLogger("gpool.train")
 
 
-def log_diagnostics(
-    run: Tracker,
-    trainer: Trainer,
-    model: nn.Module,
-    data: ImageData,
-    history: list[EpochResult],
-    job_dir: Path,
-    title: str,
-) -> None:
+def log_diagnostics(run: Tracker, trainer: Trainer, state: TrainState, data: ImageData) -> None:
     """What every run keeps besides metrics: weights, curves, the class maps that enter the
     pool for one fixed validation image per class, and the validation confusion matrix."""
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    model = state.model
     torch.save(model.state_dict(), job_dir / "model.pt")
     images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
     matrix = confusion_matrix(
@@ -61,7 +60,7 @@ def log_diagnostics(
     run.log_artifacts(
         [
             job_dir / "model.pt",
-            plot_curves(history, job_dir / "curves.png", title),
+            plot_curves(state.history, job_dir / "curves.png", run.run_name),
             plot_class_maps(
                 images,
                 maps,
@@ -75,97 +74,99 @@ def log_diagnostics(
     )
 
 
-def build(cfg: DictConfig, trainer: Trainer) -> tuple[ImageData, nn.Module, Optimizer]:
-    """The data, model and optimiser that `cfg` describes, seeded, on the trainer's device."""
+def build(cfg: DictConfig, trainer: Trainer) -> tuple[ImageData, TrainState]:
+    """The data and the training state before epoch 1 that `cfg` describes, seeded, on the
+    trainer's device."""
     seed_everything(cfg.seed)
-    data = instantiate(cfg.dataset).load(trainer.device, trainer.channels_last)
-    model = trainer.prepare(instantiate(cfg.model, pool=instantiate(cfg.pool)))
-    return data, model, instantiate(cfg.optimizer)(model.parameters())
+    log.info("loading the data from %s", cfg.dataset.get("root"))
+    data = build_object(cfg.dataset).load(trainer.device, trainer.channels_last)
+    model = trainer.prepare(build_model(cfg))
+    optimizer = instantiate(cfg.optimizer)
+    try:
+        optimizer = optimizer(model.parameters())
+    except (TypeError, ValueError) as err:  # torch's checks of lr, betas, momentum...
+        raise GpoolError(f"optimizer: {err}") from None
+    scheduler = instantiate(cfg.scheduler.lr_scheduler)
+    return data, trainer.start(model, optimizer, data, cfg.seed, scheduler, cfg.scheduler.interval)
 
 
-def schedule(cfg: DictConfig) -> dict[str, Any]:
-    """Trainer.fit's scheduler arguments from conf/scheduler."""
-    return {
-        "scheduler": instantiate(cfg.scheduler.lr_scheduler),
-        "scheduler_interval": cfg.scheduler.interval,
-    }
+def train(
+    run: Tracker,
+    cfg: DictConfig,
+    trainer: Trainer,
+    data: ImageData,
+    state: TrainState,
+    stop: StopOnSignal,
+) -> None:
+    """Train the run to its last epoch, logging and checkpointing after each, then log what
+    it learned. The checkpoint goes to this job's own folder."""
+    checkpoint = Path(HydraConfig.get().runtime.output_dir) / "checkpoint.pt"
+    meta = {"mlflow_run_id": run.run_id, "config_hash": run.tags[HASH_TAG]}
+    if state.history:  # resumed: this job's folder holds the state it continues from
+        save_checkpoint(checkpoint, state, meta)
+    run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    for path in sorted((checkpoint.parent / ".hydra").glob("*.yaml")):
+        run.log_text(path.read_text(), f"hydra/{path.name}")
+
+    def after_epoch(result) -> None:
+        run.log_epoch(result)
+        save_checkpoint(checkpoint, state, meta)
+
+    trainer.fit(state, data, on_epoch=after_epoch, stop=stop)
+    stop.check("before the final artifacts were logged")
+    log.info("logging the final artifacts of %s", run.run_name)
+    log_diagnostics(run, trainer, state, data)
+    stop.check("while the final artifacts were logged")
 
 
-def resume_point(cfg: DictConfig, fingerprint: str) -> tuple[Run | None, dict[str, Any] | None]:
-    """What an earlier run of the same config left: (its run, its checkpoint state).
-
-    A FINISHED run comes back without state (skip it); a KILLED, FAILED or dead RUNNING one
-    with a checkpoint comes back with it (resume it); anything else means a fresh run.
-    """
-    previous = previous_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name, fingerprint)
-    if previous is None or previous.info.status == "FINISHED":
-        return previous, None
-    tags = previous.data.tags
-    if previous.info.status == "RUNNING":
-        if is_alive(previous):
-            raise GpoolError(
-                f"this config is already running as MLflow run {previous.info.run_id} (pid "
-                f"{tags.get('gpool.pid')} on {tags.get('gpool.host')}); wait for it, or pass "
-                "trainer.resume=false to train it again in a new run"
-            )
-        mark_killed(cfg.mlflow.tracking_uri, previous.info.run_id)  # never RUNNING forever
-    checkpoint = Path(tags.get(CHECKPOINT_TAG, ""))
-    if not checkpoint.is_file():
-        return None, None
-    return previous, load_checkpoint(checkpoint)
+def skip(client: MlflowClient, finished: Run, fingerprint: str, run_name: str) -> float:
+    """A job whose config already FINISHED: count that run in this sweep, train nothing."""
+    log.info(
+        "skipping %s: this config already FINISHED as MLflow run %s "
+        "(trainer.resume=false trains it again)",
+        run_name,
+        finished.info.run_id,
+    )
+    register_job(client, fingerprint, finished.info.run_id)
+    return finished.data.metrics.get("val_acc", float("nan"))
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one model and log it; returns the final validation accuracy (for sweepers)."""
+    check_values(cfg)
     hydra_cfg = HydraConfig.get()
-    job_dir = Path(hydra_cfg.runtime.output_dir)
     choices = dict(hydra_cfg.runtime.choices)
     run_name = cfg.mlflow.run_name or f"pool={choices['pool']} seed={cfg.seed}"
     config = OmegaConf.to_container(cfg, resolve=True)
     fingerprint = config_hash(config)
-
-    trainer: Trainer = instantiate(cfg.trainer)
-    previous, state = resume_point(cfg, fingerprint) if trainer.resume else (None, None)
-    if previous is not None and state is None:
-        log.info(
-            "skipping %s: this config already FINISHED as MLflow run %s "
-            "(trainer.resume=false trains it again)",
-            run_name,
-            previous.info.run_id,
-        )
-        return previous.data.metrics["val_acc"]
-
-    # Data and model come first: a missing dataset must not leave a half-made MLflow run.
-    data, model, optimizer = build(cfg, trainer)
-    log.info("%s on %s: %s", run_name, trainer.device, " ".join(hydra_cfg.overrides.task))
-
-    checkpoint = job_dir / "checkpoint.pt"
-    tags = tags_for(choices, cfg.seed, list(hydra_cfg.overrides.task))
-    tags.update({HASH_TAG: fingerprint, CHECKPOINT_TAG: str(checkpoint)})
-    with Tracker(
-        tracking_uri=cfg.mlflow.tracking_uri,
-        experiment_name=cfg.mlflow.experiment_name,
-        run_name=run_name,
-        params=config,
-        tags=tags,
-        resume_run_id=previous.info.run_id if previous is not None else None,
-    ) as run:
-        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        run.log_artifacts([job_dir / ".hydra"], "hydra")
-        history = trainer.fit(
-            model,
-            optimizer,
-            data,
-            seed=cfg.seed,
-            **schedule(cfg),
-            on_epoch=run.log_epoch,
-            checkpoint=checkpoint,
-            resume=state,
-            checkpoint_meta={"mlflow_run_id": run.run_id, "config_hash": fingerprint},
-        )
-        log_diagnostics(run, trainer, model, data, history, job_dir, run_name)
-    return history[-1].val_acc
+    trainer: Trainer = build_object(cfg.trainer)
+    client = open_store(cfg.mlflow.tracking_uri, create=True)
+    experiment = experiment_id(client, cfg.mlflow.experiment_name)
+    stop_with_launcher()
+    with StopOnSignal() as stop, ExitStack() as stack:
+        with claim(client.tracking_uri, experiment, fingerprint):  # one decider per config
+            previous, checkpoint = (
+                resume_point(client, experiment, fingerprint) if trainer.resume else (None, None)
+            )
+            if previous is not None and checkpoint is None:
+                return skip(client, previous, fingerprint, run_name)
+            # Data and model come first: a missing dataset must not leave a half-made run.
+            data, state = build(cfg, trainer)
+            if checkpoint is not None:
+                restore(load_checkpoint(checkpoint, previous.info.run_id, fingerprint), state)
+                log.info("resuming after epoch %d", len(state.history))
+            stop.check("while the data was loaded")
+            overrides = list(hydra_cfg.overrides.task)
+            log.info("%s on %s: %s", run_name, trainer.device, redact(" ".join(overrides)))
+            tags = tags_for(choices, cfg.seed, overrides)
+            job_dir = Path(hydra_cfg.runtime.output_dir)
+            tags.update({HASH_TAG: fingerprint, CHECKPOINT_TAG: str(job_dir / "checkpoint.pt")})
+            resume_id = previous.info.run_id if checkpoint is not None else None
+            tracker = Tracker(client, experiment, run_name, config, tags, resume_id)
+            run = stack.enter_context(tracker)
+        train(run, cfg, trainer, data, state, stop)
+    return state.history[-1].val_acc
 
 
 if __name__ == "__main__":

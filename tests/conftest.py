@@ -1,4 +1,5 @@
-"""Shared fixtures: small generated FashionMNIST-layout IDX data and a gpool subprocess runner."""
+"""Shared helpers: small generated FashionMNIST-layout IDX data and image folders, gpool as
+a subprocess (run to the end, or started and stopped), and a real MLflow server."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from gpool.tracking import ROLE_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -66,6 +72,21 @@ def idx_root(tmp_path: Path) -> Path:
     return make_idx_root(tmp_path)
 
 
+#: Runs long enough (about half a second an epoch on big_root) to be stopped in.
+LONG = ("trainer.epochs=8", "trainer.log_every_n_steps=10")
+
+
+@pytest.fixture(scope="session")
+def big_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4096 training images: epochs long enough (about half a second) to be killed in."""
+    root = tmp_path_factory.mktemp("big")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_split(raw, "train", 4096, seed=5)
+    write_split(raw, "test", 256, seed=6)
+    return root
+
+
 def gpool_env(data_root: Path) -> dict[str, str]:
     env = dict(os.environ, GPOOL_DATA=str(data_root), PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -78,6 +99,55 @@ SHORT = (
     "trainer.eval_batch_size=100",
     "trainer.limit_val_batches=1",
 )
+#: Generated data cannot match the real FashionMNIST's md5s: runs on it skip that check.
+GENERATED = "dataset.checksums=null"
+
+
+def on_generated_data(overrides: tuple[str, ...]) -> list[str]:
+    """The overrides, with GENERATED first unless they choose another dataset."""
+    other = any(o.startswith("dataset=") for o in overrides)
+    return [*([] if other else [GENERATED]), *overrides]
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 20, count: int = 6):
+    """PNG files in ImageFolder layout: per class a distinct brightness; `count` training
+    and count // 2 validation images per class."""
+    for split, n in (("train", count), ("val", count // 2)):
+        for c, (name, level) in enumerate(classes.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((size, size, 3), level, dtype=np.uint8)
+                pixels[c % size, i % size] = 255
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def store(tmp: Path) -> MlflowClient:
+    """The sqlite store run_gpool and start_gpool log to."""
+    return MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+
+
+def all_runs(tmp: Path) -> list[Run]:
+    """Every run of the experiment gpool in tmp's store, oldest first."""
+    client = store(tmp)
+    experiment = client.get_experiment_by_name("gpool")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
+
+
+def job_runs(tmp: Path) -> list[Run]:
+    """The runs of jobs (not sweeps' parent runs), oldest first."""
+    return [r for r in all_runs(tmp) if ROLE_TAG not in r.data.tags]
+
+
+def sweep_runs(tmp: Path) -> list[Run]:
+    """The sweeps' parent runs, oldest first."""
+    return [r for r in all_runs(tmp) if ROLE_TAG in r.data.tags]
+
+
+def history(tmp: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in store(tmp).get_metric_history(run_id, key))
 
 
 def run_gpool(
@@ -92,11 +162,58 @@ def run_gpool(
         f"hydra.run.dir={tmp_path}/single",
         f"hydra.sweep.dir={tmp_path}/multirun",
         "trainer.log_every_n_steps=2",
-        *overrides,
+        *on_generated_data(overrides),
     ]
     return subprocess.run(
         args, cwd=tmp_path, env=gpool_env(data_root), capture_output=True, text=True, timeout=600
     )
+
+
+def start_gpool(
+    tmp: Path,
+    data: Path,
+    *overrides: str,
+    until: list[Path] | None = None,
+    output: str | None = None,
+    multirun: bool = False,
+) -> subprocess.Popen[str]:
+    """Start `python -m gpool.train` in a session of its own, logging to tmp's store; return
+    once every file in `until` exists, or once a line of its log contains `output`, while
+    it goes on."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpool.train", *(["-m"] if multirun else [])]
+        + [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", *on_generated_data(overrides)],
+        cwd=tmp,
+        env=gpool_env(data),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if output else subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    if output is not None:
+        for line in proc.stdout:
+            if output in line:
+                return proc
+            assert time.monotonic() < deadline, f"no {output!r} within 120 s"
+        pytest.fail(f"gpool.train ended without printing {output!r}")
+    while not all(path.exists() for path in until or []):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    return proc
+
+
+def session_ends(pgid: int, seconds: float) -> bool:
+    """Whether every process of group `pgid` is gone within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import gpool_env
+from conftest import GENERATED, gpool_env
 
 
 def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path: Path) -> None:
@@ -25,6 +25,7 @@ def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path:
             "0.0",
             "--device",
             "cpu",
+            GENERATED,
         ],
         cwd=tmp_path,
         env=gpool_env(idx_root),

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SHORT, mlflow_server, run_gpool
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
 import gpool
-from gpool.tracking import ROLE_TAG, is_alive
+from gpool.config import compose_config
+from gpool.resume import is_alive
+from gpool.tracking import ROLE_TAG
 
 
 def test_submitit_sweep_logs_through_a_tracking_server(tmp_path: Path, idx_root: Path) -> None:
@@ -59,8 +60,7 @@ def sbatch_script(overrides: list[str], tmp_path: Path) -> str:
     writer. The executor itself refuses to start without `srun`, and there is no cluster
     here to submit to.
     """
-    with initialize_config_dir(str(gpool.PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(*overrides, hydra=True)
     params = dict(instantiate(cfg.hydra.launcher).params)
     for key in ("submitit_folder", "max_num_timeout"):  # executor-wide, not sbatch flags
         params.pop(key)
@@ -109,8 +109,7 @@ def test_slurm_preset_knobs_are_overridable(tmp_path: Path) -> None:
 def test_slurm_jobs_use_their_cpus_as_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    with initialize_config_dir(str(gpool.PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    cfg = compose_config("hydra/launcher=slurm", hydra=True)
     HydraConfig.instance().set_config(cfg)
     try:
         assert gpool.threads_per_job() == 8

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHORT, gpool_env, make_idx_root, mlflow_server, run_gpool
-from mlflow.tracking import MlflowClient
+from conftest import SHORT, gpool_env, make_idx_root, mlflow_server, run_gpool, store
 from scipy import stats
 
 from gpool.compare import factors, mean_std_ci, welch
@@ -29,10 +28,6 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_gpool(tmp, make_idx_root(tmp), "pool=avg,max", "seed=0,1,2", *SHORT, multirun=True)
     assert proc.returncode == 0, proc.stderr
     return tmp
-
-
-def store(sweep: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{sweep}/mlflow.db")
 
 
 def compare(sweep: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -187,7 +182,7 @@ def test_ui_nests_the_runs_under_the_sweep(server: str, tmp_path: Path) -> None:
 
 
 def test_settings_that_do_not_change_results_are_no_factor(sweep: Path) -> None:
-    from gpool.tracking import affects_result, config_hash
+    from gpool.resume import affects_result, config_hash
 
     assert not affects_result("trainer.threads") and not affects_result("mlflow.run_name")
     assert not affects_result("data_dir") and affects_result("trainer.epochs")

@@ -6,30 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 import gpool
+from gpool.config import CONF_DIR, GROUPS
+from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
-from gpool.model import ConvNet
+from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
-
-CONF = gpool.PROJECT_ROOT / "conf"
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def make_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def build_model(cfg: DictConfig) -> ConvNet:
-    return instantiate(cfg.model, pool=instantiate(cfg.pool))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def test_defaults_are_the_articles_network_and_optimiser() -> None:
@@ -52,7 +41,11 @@ def test_defaults_are_the_articles_network_and_optimiser() -> None:
 
 
 def test_groups_have_the_promised_options() -> None:
-    assert options("pool") == ["attention", "avg", "avgmax", "catavgmax", "gem", "lse", "max"]
+    # Heads are open-ended (one class + one YAML file); the article's two must be there.
+    assert {"avg", "max"} <= set(options("pool"))
+    assert sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()) == sorted(
+        [*GROUPS, "trainer", "hydra"]
+    )
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
     assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]

@@ -4,35 +4,34 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import DEBIAN_DIR, FILES, write_split
+from conftest import DEBIAN_DIR, FILES, write_image_folder, write_split
 from hydra.utils import instantiate
-from PIL import Image
-from test_config import make_cfg
 from torchvision.datasets import FashionMNIST
 
+from gpool.config import compose_config as make_cfg
 from gpool.data import DataError, TorchvisionImages, check_idx
 
 CLASSES = [str(i) for i in range(10)]
 
 
 def fashion(root: Path, offline_dir: Path | None = None, **kwargs) -> TorchvisionImages:
-    offline = None
+    offline, checksums = None, None
     if offline_dir is not None:
         names = [name for pair in FILES.values() for name in pair]
-        md5 = {
+        checksums = {
             name: hashlib.md5(
                 gzip.decompress((offline_dir / f"{name}.gz").read_bytes())
             ).hexdigest()
             for name in names
         }
-        offline = {"dir": str(offline_dir), "md5": md5, "install_hint": "apt-get install x"}
-        offline["md5"].update(kwargs.pop("md5", {}))
+        checksums.update(kwargs.pop("md5", {}))
+        offline = {"dir": str(offline_dir), "install_hint": "apt-get install x"}
     return TorchvisionImages(
         source=partial(FashionMNIST),
         root=str(root),
@@ -43,6 +42,7 @@ def fashion(root: Path, offline_dir: Path | None = None, **kwargs) -> Torchvisio
         mean=[0.5],
         std=[0.25],
         offline_copy=offline,
+        checksums=checksums,
         **kwargs,
     )
 
@@ -117,7 +117,8 @@ def test_offline_copy_is_decompressed_once_and_verified(
     data = fashion(root, offline_dir).load("cpu")
     assert len(data.train) == 300 and len(data.val) == 100
     raw = root / "FashionMNIST" / "raw"
-    assert sorted(p.name for p in raw.iterdir()) == sorted(n for ns in FILES.values() for n in ns)
+    names = [n for ns in FILES.values() for n in ns]
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*names, ".gpool-verified.json"])
     (offline_dir / "train-images-idx3-ubyte.gz").unlink()  # later loads use the cache
     assert len(fashion(root, offline_dir=None).load("cpu").train) == 300
 
@@ -143,26 +144,11 @@ def test_corrupt_gzip_in_offline_copy_is_named(
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_from_the_debian_package(tmp_path: Path) -> None:
-    from hydra.utils import instantiate
-    from test_config import make_cfg  # the shipped config, md5s included
-
     data = instantiate(make_cfg().dataset, root=str(tmp_path)).load("cpu")
     assert data.train.images.shape == (60000, 1, 28, 28)
     assert data.val.images.shape == (10000, 1, 28, 28)
     assert data.train.labels.unique().tolist() == list(range(10))
     assert torch.bincount(data.val.labels).tolist() == [1000] * 10
-
-
-def write_image_folder(root: Path, classes: dict[str, int], size: int = 20) -> None:
-    """PNG files in ImageFolder layout: per class a distinct brightness, per split a few."""
-    for split, count in (("train", 6), ("val", 3)):
-        for c, (name, level) in enumerate(classes.items()):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.full((size, size, 3), level, dtype=np.uint8)
-                pixels[c, i % size] = 255
-                Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
 def test_image_folder_loads_resizes_and_names_classes(tmp_path: Path) -> None:
@@ -195,3 +181,49 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
     cfg = make_cfg("dataset=image_folder", f"dataset.root={tmp_path}", "dataset.num_classes=3")
     with pytest.raises(DataError, match="0.png is not a readable image"):
         instantiate(cfg.dataset).load("cpu")
+
+
+def test_swapped_label_files_are_refused_before_training(idx_root: Path) -> None:
+    raw = idx_root / "FashionMNIST" / "raw"
+    train, test = raw / "train-labels-idx1-ubyte", raw / "t10k-labels-idx1-ubyte"
+    payloads = train.read_bytes(), test.read_bytes()
+    train.write_bytes(payloads[1])
+    test.write_bytes(payloads[0])
+    with pytest.raises(DataError, match="the train split has 512 images but 256 labels"):
+        fashion(idx_root).load("cpu")
+
+
+def test_labels_outside_the_class_count_are_refused(idx_root: Path) -> None:
+    labels = idx_root / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    payload = bytearray(labels.read_bytes())
+    payload[-1] = 12  # the last test image now claims class 12 of 10
+    labels.write_bytes(bytes(payload))
+    with pytest.raises(DataError, match=r"test labels run from 0 to 12, outside 0..9"):
+        fashion(idx_root).load("cpu")
+
+
+def test_files_already_under_data_dir_are_verified_once_per_version(
+    tmp_path: Path, offline_dir: Path, no_download: None
+) -> None:
+    root = tmp_path / "cache"
+    fashion(root, offline_dir).load("cpu")  # decompressed and verified
+    raw = root / "FashionMNIST" / "raw"
+    cache = json.loads((raw / ".gpool-verified.json").read_text())
+    assert sorted(cache) == sorted(n for ns in FILES.values() for n in ns)
+    images = raw / "train-images-idx3-ubyte"
+    payload = bytearray(images.read_bytes())
+    payload[-1] ^= 0xFF  # one pixel changed: same size, a structurally valid IDX file
+    images.write_bytes(bytes(payload))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte has md5 .* corrupt"):
+        fashion(root, offline_dir).load("cpu")
+
+
+def test_a_killed_decompression_leaves_no_partial_file_behind(
+    tmp_path: Path, offline_dir: Path, no_download: None
+) -> None:
+    raw = tmp_path / "cache" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    stale = raw / "train-images-idx3-ubyte.part999999999"  # no such process
+    stale.write_bytes(b"x" * 1000)
+    fashion(tmp_path / "cache", offline_dir).load("cpu")
+    assert not stale.exists() and not list(raw.glob("*.part*"))

@@ -5,44 +5,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHORT, free_port, gpool_env, run_gpool, write_split
-from mlflow.tracking import MlflowClient
-
-from gpool.tracking import ROLE_TAG
-
-LONG = ("trainer.epochs=8", "trainer.log_every_n_steps=10")
-
-
-def client(tmp: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-
-
-def job_runs(tmp: Path):
-    c = client(tmp)
-    experiment = c.get_experiment_by_name("gpool")
-    runs = c.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
-    return [r for r in runs if ROLE_TAG not in r.data.tags]
-
-
-def history(tmp: Path, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client(tmp).get_metric_history(run_id, key))
-
-
-@pytest.fixture(scope="module")
-def big_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4096 training images: epochs long enough (about half a second) to be killed in."""
-    root = tmp_path_factory.mktemp("big")
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    write_split(raw, "train", 4096, seed=5)
-    write_split(raw, "test", 256, seed=6)
-    return root
+from conftest import (
+    LONG,
+    SHORT,
+    free_port,
+    history,
+    job_runs,
+    run_gpool,
+    session_ends,
+    start_gpool,
+    sweep_runs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,33 +33,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, big_root: Path) -> d
     return {k: history(tmp, run.info.run_id, k) for k in ("val_acc", "val_loss", "train_loss")}
 
 
-def start_training(
-    tmp: Path, data: Path, *overrides: str, until: list[Path], multirun: bool = False
-) -> subprocess.Popen:
-    """Start `python -m gpool.train` in a session of its own; return once every checkpoint
-    in `until` exists, while it trains on."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpool.train", *(["-m"] if multirun else [])]
-        + [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", *overrides],
-        cwd=tmp,
-        env=gpool_env(data),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while not all(c.exists() for c in until):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.02)
-    return proc
-
-
 def start_and_kill(tmp: Path, data: Path, sig: signal.Signals) -> subprocess.Popen[str]:
     """Start a run, wait for its first checkpoint, send `sig` while it trains on."""
     until = [tmp / "single" / "checkpoint.pt"]
-    proc = start_training(tmp, data, f"hydra.run.dir={tmp}/single", *LONG, until=until)
+    proc = start_gpool(tmp, data, f"hydra.run.dir={tmp}/single", *LONG, until=until)
     proc.send_signal(sig)
     proc.wait(timeout=120)
     return proc
@@ -94,7 +49,7 @@ def test_killed_run_resumes_into_the_same_run_with_identical_metrics(
     proc = start_and_kill(tmp_path, big_root, sig)
     assert proc.returncode != 0
     (killed,) = job_runs(tmp_path)
-    state = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)
     stopped_after = state["epoch"]
     assert state["meta"]["mlflow_run_id"] == killed.info.run_id
     assert 1 <= stopped_after < 8, "the run should have been stopped mid-way"
@@ -123,8 +78,8 @@ def test_rerun_skips_finished_jobs_and_resume_false_retrains(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("skipping pool=") == 2 and "epoch 1/2" not in proc.stdout
     assert {r.info.run_id for r in job_runs(tmp_path)} == first
-    sweeps = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
-    assert [s.info.status for s in sweeps] == ["FINISHED", "FINISHED"]
+    (sweep,) = sweep_runs(tmp_path)  # the rerun continued the same sweep
+    assert sweep.info.status == "FINISHED"
     proc = run_gpool(tmp_path, idx_root, "pool=avg", *SHORT, "trainer.resume=false")
     assert proc.returncode == 0 and "epoch 2/2" in proc.stdout
     assert len(job_runs(tmp_path)) == 3
@@ -152,24 +107,12 @@ def test_parallel_sweep_on_a_fresh_store_loses_nothing(tmp_path: Path, idx_root:
     assert {(r.data.tags["pool"], r.data.tags["seed"]) for r in runs} == {
         (p, str(s)) for p in ("avg", "max") for s in range(8)
     }
-    (parent,) = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
+    (parent,) = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     assert {r.data.params["trainer.threads"] for r in runs} == {str(max(1, os.cpu_count() // 4))}
     for run in runs:
         assert [s for s, _ in history(tmp_path, run.info.run_id, "val_acc")] == [1]
-
-
-def session_ends(pgid: int, seconds: float) -> bool:
-    """Whether every process of group `pgid` is gone within `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.parametrize("whole_group", [True, False], ids=["ctrl-c-or-timeout", "kill-launcher"])
@@ -179,7 +122,7 @@ def test_stopped_parallel_sweep_leaves_no_workers_and_no_running_runs(
     """SIGTERM to the terminal's process group (what `timeout` sends), or to the launching
     process alone: the command ends with one message, its joblib workers with it, and no
     run of the sweep stays RUNNING."""
-    proc = start_training(
+    proc = start_gpool(
         tmp_path,
         idx_root,
         f"hydra.sweep.dir={tmp_path}/multirun",
@@ -200,7 +143,7 @@ def test_stopped_parallel_sweep_leaves_no_workers_and_no_running_runs(
     assert session_ends(proc.pid, seconds=15), "processes of the sweep outlived it"
     runs = job_runs(tmp_path)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
-    (parent,) = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
+    (parent,) = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
 
 
@@ -234,6 +177,6 @@ def test_submitit_local_jobs_in_their_own_processes_nest_under_the_sweep(
     assert sorted(r.data.tags["pool"] for r in runs) == ["avg", "max"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["gpool.pid"] for r in runs} | {str(os.getpid())}) == 3
-    (parent,) = client(tmp_path).search_runs(["1"], f"tags.`{ROLE_TAG}` = 'sweep'")
+    (parent,) = sweep_runs(tmp_path)
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     assert parent.info.status == "FINISHED"

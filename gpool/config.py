@@ -1,0 +1,97 @@
+"""The config groups of conf/ and how gpool composes and checks a config outside `gpool.train`.
+
+One place for the facts every module shares: which groups a run is tagged and compared by,
+how the bench, compare and tests compose the same config `gpool.train` would, and which
+values are refused before anything is built or logged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Mapping
+from dataclasses import MISSING, field, make_dataclass
+from typing import Any, get_type_hints
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gpool import PROJECT_ROOT, GpoolError
+from gpool.engine import Trainer
+
+CONF_DIR = PROJECT_ROOT / "conf"
+#: MLflow's limit on a param's value; longer values are cut.
+MAX_PARAM_LENGTH = 6000
+#: The config groups a run is tagged with and `gpool.compare` groups by.
+GROUPS = ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
+
+
+def register_trainer_schema() -> None:
+    """conf/trainer options extend this schema, generated from Trainer's signature, so that
+    Hydra rejects a wrong type (`trainer.epochs=ten`) or an unknown key when composing,
+    before anything runs or is logged."""
+    hints = get_type_hints(Trainer.__init__)
+    fields: list[tuple[str, Any, Any]] = []
+    for name, parameter in inspect.signature(Trainer.__init__).parameters.items():
+        if name == "self":
+            continue
+        default = MISSING if parameter.default is inspect.Parameter.empty else parameter.default
+        fields.append((name, hints[name], field(default=default)))
+    fields.append(("_target_", str, field(default="gpool.engine.Trainer")))
+    ConfigStore.instance().store(
+        group="trainer", name="schema", node=make_dataclass("TrainerSchema", fields)
+    )
+
+
+register_trainer_schema()
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, letting a GpoolError raised by the object itself (a value
+    it refuses) through as it is, one message, instead of wrapped in Hydra's report."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, GpoolError):
+            raise err.__cause__ from None
+        raise
+
+
+def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
+    """The config `python -m gpool.train overrides...` would run (with `hydra.*` if asked)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse, with one message naming the key, what the schema's types let through but no
+    run can use: mandatory values left unset, a seed that is not a whole number, a learning
+    rate that is not a positive number."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=False))  # unresolved: no errors here
+    if missing := sorted(key for key, value in flat.items() if value == "???"):
+        raise GpoolError(
+            "these config values must be set: "
+            + ", ".join(f"{key}=..." for key in missing)
+            + " (e.g. dataset=image_folder needs dataset.root and dataset.num_classes)"
+        )
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise GpoolError(f"seed must be a whole number >= 0, not {seed!r}")
+    lr = cfg.optimizer.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise GpoolError(f"optimizer.lr must be a number > 0, not {lr!r}")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"dotted.key": "value"}: MLflow's params and the config hash."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat

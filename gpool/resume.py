@@ -1,0 +1,326 @@
+"""How a rerun finds, skips or resumes a run: config hashes, liveness, the claim that makes
+"already running" atomic, stop signals, and the checkpoint a run resumes from.
+
+A checkpoint holds tensors and plain Python data only, and is read with
+`torch.load(weights_only=True)`, so no file, whoever wrote it or whatever tag names it, can
+run code when loaded. It must also record the MLflow run id and config hash of the run that
+resumes from it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from gpool import GpoolError
+from gpool.config import flatten
+from gpool.engine import EpochResult, TrainState
+
+log = logging.getLogger(__name__)
+
+#: Tag holding config_hash(): how a rerun finds the run of the same config.
+HASH_TAG = "gpool.config_hash"
+#: Tag holding the path of the run's latest checkpoint.
+CHECKPOINT_TAG = "gpool.checkpoint"
+#: Config keys (and prefixes) left out of config_hash and of gpool.compare's factors.
+NOT_RESULT_KEYS = ("mlflow", "data_dir", "trainer.threads", "trainer.resume")
+#: Set by a sweep's launching process: its pid, so that job processes it started can
+#: notice when it dies (SIGKILL) and stop instead of training on for nobody.
+LAUNCHER_PID_ENV = "GPOOL_LAUNCHER_PID"
+
+
+class CheckpointError(GpoolError):
+    """A checkpoint cannot be read or belongs to another run; the message names the fix."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the job at a safe point; the last checkpoint stands. A
+    KeyboardInterrupt, so that the run is marked KILLED and the sweep stops."""
+
+
+def affects_result(key: str) -> bool:
+    """Whether a dotted config key can change what a run learns; where it is logged or
+    cached, its thread count and whether it resumes cannot."""
+    return not any(key == p or key.startswith(f"{p}.") for p in NOT_RESULT_KEYS)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A fingerprint of what determines a run's result: the resolved config's keys that
+    affect it (see affects_result)."""
+    kept = {k: v for k, v in flatten(config).items() if affects_result(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# --- stop signals -------------------------------------------------------------------------
+
+
+def handle_stop_signals(handler: Callable[[int, Any], None]) -> dict[signal.Signals, Any]:
+    """Route SIGINT and SIGTERM to `handler`; returns the handlers it replaced. Only the
+    main thread may set handlers: elsewhere it does nothing and returns {}."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only record the signal; the job calls `check` at
+    safe points (between steps, after loading data, between artifacts), so a run never
+    stops half-way through an optimiser step, a checkpoint write or an MLflow call."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum)
+
+    def check(self, where: str) -> None:
+        """Raise RunInterrupted if a stop signal arrived."""
+        if self.signal is not None:
+            raise RunInterrupted(
+                f"stopped by {self.signal.name} {where}; rerun the same command to resume"
+            )
+
+    def __enter__(self) -> StopOnSignal:
+        self._previous = handle_stop_signals(self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_with_launcher(grace_seconds: float = 20.0) -> None:
+    """In a job process started by a sweep's launching process: when that process dies
+    (SIGKILL leaves no chance to stop its workers), SIGTERM this one, so its run ends
+    KILLED at the next step, and exit for good after `grace_seconds`."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher is None or launcher != str(os.getppid()):
+        return  # not started by the launcher itself (in-process job, a SLURM node...)
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gpool-launcher-watch", daemon=True).start()
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: TrainState, meta: Mapping[str, str]) -> None:
+    """Everything needed to continue bit for bit, as tensors and plain data: weights,
+    optimiser and scheduler state, the shuffling generator, the global RNGs and the epochs
+    so far. Written to a temporary file and renamed, so a kill mid-write leaves the previous
+    checkpoint intact; a failed write (a full disk) leaves no temporary file."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    payload = {
+        "epoch": len(state.history),
+        "history": [asdict(r) for r in state.history],
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "generator": state.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy_rng": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python_rng": random.getstate(),
+        "meta": dict(meta),
+    }
+    partial = path.with_name(f"{path.name}.tmp")
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as either
+        partial.unlink(missing_ok=True)
+        reason = getattr(err, "strerror", None) or "write failed"
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(
+            f"cannot write the checkpoint {path} ({reason}; {free:,} bytes free there); free "
+            "space or choose another output folder (hydra.run.dir / hydra.sweep.dir)"
+        ) from None
+
+
+def load_checkpoint(path: Path, run_id: str, fingerprint: str) -> dict[str, Any]:
+    """Read the checkpoint of MLflow run `run_id` with config hash `fingerprint`.
+
+    Weights-only loading: a file holding anything but tensors and plain data is refused,
+    never executed. A file that records another run or config is refused too.
+    """
+    fix = "delete it, or pass trainer.resume=false to train this config again in a new run"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        meta = state["meta"]
+    except Exception as err:  # unpickling errors, truncation, wrong layout: all unusable
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {first_line}); {fix}"
+        ) from None
+    if meta.get("mlflow_run_id") != run_id or meta.get("config_hash") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} records run {meta.get('mlflow_run_id')} and config "
+            f"{meta.get('config_hash')}, not run {run_id} with config {fingerprint}; {fix}"
+        )
+    return state
+
+
+def restore(checkpoint: Mapping[str, Any], state: TrainState) -> None:
+    """Load a checkpoint into live training state (before training continues)."""
+    state.model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    if state.scheduler is not None:
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+    state.generator.set_state(checkpoint["generator"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    if checkpoint["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+    kind, keys, position, has_gauss, cached = checkpoint["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(checkpoint["python_rng"])
+    state.history[:] = [
+        EpochResult(**{**r, "step_losses": [tuple(s) for s in r["step_losses"]]})
+        for r in checkpoint["history"]
+    ]
+
+
+# --- earlier runs of the same config ------------------------------------------------------
+
+
+def previous_run(client: MlflowClient, experiment_id: str, fingerprint: str) -> Run | None:
+    """The newest run of the same config: a FINISHED one first, else the newest of any."""
+    runs = client.search_runs(
+        [experiment_id], f"tags.`{HASH_TAG}` = '{fingerprint}'", order_by=["start_time DESC"]
+    )
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or runs or [None])[0]
+
+
+def slurm_job() -> str | None:
+    """This process's SLURM job (array job_task), which a requeued job keeps."""
+    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def process_tags() -> dict[str, str]:
+    """Where this process runs: what is_alive later checks."""
+    tags = {"gpool.host": socket.gethostname(), "gpool.pid": str(os.getpid())}
+    if job := slurm_job():
+        tags["gpool.slurm_job"] = job
+    return tags
+
+
+def on_this_host(run: Run) -> bool:
+    """Whether the run's process was started on this machine (its pid means something here)."""
+    return run.data.tags.get("gpool.host") == socket.gethostname()
+
+
+def is_alive(run: Run) -> bool:
+    """Whether a RUNNING run's process still lives; a SIGKILL'd one left RUNNING does not.
+
+    A run started by this very SLURM job is a pre-empted earlier incarnation of it (dead);
+    on this host the pid tells; a process on another host cannot be checked and counts as
+    alive.
+    """
+    tags = run.data.tags
+    if tags.get("gpool.slurm_job") and tags["gpool.slurm_job"] == slurm_job():
+        return False
+    if not on_this_host(run):
+        return True
+    try:
+        os.kill(int(tags.get("gpool.pid", "0")), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return int(tags["gpool.pid"]) != os.getpid()
+
+
+def alive_at(run: Run, deadline: float) -> bool:
+    """Whether a RUNNING run's process still lives, waiting until `deadline` (monotonic
+    seconds) for one on this host that was just told to stop; one elsewhere counts as alive
+    at once (see is_alive)."""
+    while is_alive(run):
+        if not on_this_host(run) or time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def mark_dead_runs_killed(client: MlflowClient, experiment_id: str) -> None:
+    """End every RUNNING run of the experiment whose process is gone (SIGKILL, a lost
+    node's requeued job) as KILLED: nothing stays RUNNING past the next gpool command."""
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        if not is_alive(run):
+            log.info("MLflow run %s's process is gone: marking it KILLED", run.info.run_id)
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+@contextmanager
+def claim(*what: str) -> Iterator[None]:
+    """Hold the right to decide about `what`, e.g. (store, experiment, config hash): look up
+    its runs and start one.
+
+    A file lock per `what` on this machine, so two identical commands started at once
+    cannot both find no run and both train (the second waits, then finds the first one's
+    run RUNNING), nor both create a fresh sqlite store.
+    """
+    key = hashlib.sha256("\n".join(what).encode()).hexdigest()
+    folder = Path(tempfile.gettempdir()) / "gpool-claims"
+    folder.mkdir(exist_ok=True)
+    with (folder / f"{key[:32]}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def resume_point(
+    client: MlflowClient, experiment_id: str, fingerprint: str
+) -> tuple[Run | None, Path | None]:
+    """What an earlier run of the same config left: (its run, its checkpoint path).
+
+    A FINISHED run comes back without a path (skip it); a KILLED, FAILED or dead RUNNING
+    one with a checkpoint file comes back with it (resume it); anything else means a fresh
+    run. A living RUNNING one is an error: the config is being trained right now.
+    """
+    previous = previous_run(client, experiment_id, fingerprint)
+    if previous is None or previous.info.status == "FINISHED":
+        return previous, None
+    tags = previous.data.tags
+    if previous.info.status == "RUNNING":
+        if is_alive(previous):
+            raise GpoolError(
+                f"this config is already running as MLflow run {previous.info.run_id} (pid "
+                f"{tags.get('gpool.pid')} on {tags.get('gpool.host')}); wait for it, or pass "
+                "trainer.resume=false to train it again in a new run"
+            )
+        client.set_terminated(previous.info.run_id, "KILLED")  # never RUNNING forever
+    checkpoint = Path(tags.get(CHECKPOINT_TAG, ""))
+    if not checkpoint.is_absolute() or not checkpoint.is_file():
+        return None, None
+    return previous, checkpoint

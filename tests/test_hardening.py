@@ -1,0 +1,385 @@
+"""What hostile and clumsy users broke, each reproduced for real: crafted checkpoints and
+credentials, interrupted and raced commands, stores that cannot work, and mistakes that must
+end in one line with nothing left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    GENERATED,
+    LONG,
+    SHORT,
+    all_runs,
+    gpool_env,
+    job_runs,
+    make_idx_root,
+    mlflow_server,
+    run_gpool,
+    session_ends,
+    start_gpool,
+    store,
+    sweep_runs,
+    write_image_folder,
+)
+from mlflow.artifacts import download_artifacts
+from mlflow.tracking import MlflowClient
+
+from gpool.resume import CHECKPOINT_TAG
+
+IS_ROOT = os.geteuid() == 0
+
+
+def compare(tmp: Path, *args: str, uri: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m gpool.compare` on tmp's store (or `uri`), as a user runs it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpool.compare",
+            "--tracking-uri",
+            uri or f"sqlite:///{tmp}/mlflow.db",
+        ]
+        + ["--out", str(tmp / "compare"), *args],
+        env=gpool_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_clear_line(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A small RAM file system mounted at `folder` (root only): a disk that fills up, or
+    that can be made read-only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+class RunsCode:
+    """Unpickling this runs code: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",))
+
+
+def finished_run_made_resumable(tmp: Path, data: Path):
+    """A FINISHED short run, then marked KILLED, as if stopped after its last epoch: the
+    next identical command resumes it from the file its checkpoint tag names."""
+    assert run_gpool(tmp, data, *SHORT).returncode == 0
+    (run,) = [r for r in job_runs(tmp) if r.data.tags["pool"] == "avg"]
+    store(tmp).set_terminated(run.info.run_id, "KILLED")
+    return run
+
+
+def test_a_tag_cannot_make_resume_unpickle_code_or_another_runs_state(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    run = finished_run_made_resumable(tmp_path, idx_root)
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"meta": RunsCode(marker), "model": {}}, crafted)
+    store(tmp_path).set_tag(run.info.run_id, CHECKPOINT_TAG, str(crafted))
+    proc = run_gpool(tmp_path, idx_root, *SHORT)
+    one_clear_line(proc, f"checkpoint {crafted} cannot be read")
+    assert "trainer.resume=false" in proc.stderr
+    assert not marker.exists(), "unpickling the tagged file ran its code"
+
+    # A genuine gpool checkpoint, but another run's: refused too.
+    other_dir = f"hydra.run.dir={tmp_path}/other"
+    assert run_gpool(tmp_path, idx_root, *SHORT, "pool=max", other_dir).returncode == 0
+    other = next(r for r in job_runs(tmp_path) if r.data.tags["pool"] == "max")
+    store(tmp_path).set_tag(run.info.run_id, CHECKPOINT_TAG, other.data.tags[CHECKPOINT_TAG])
+    one_clear_line(run_gpool(tmp_path, idx_root, *SHORT), f"records run {other.info.run_id}")
+
+    # A truncated checkpoint: one line that says how to go on, and that way works.
+    own = Path(run.data.tags[CHECKPOINT_TAG])
+    own.write_bytes(own.read_bytes()[:500])
+    store(tmp_path).set_tag(run.info.run_id, CHECKPOINT_TAG, str(own))
+    proc = run_gpool(tmp_path, idx_root, *SHORT)
+    one_clear_line(proc, "cannot be read")
+    assert "trainer.resume=false" in proc.stderr
+    assert run_gpool(tmp_path, idx_root, *SHORT, "trainer.resume=false").returncode == 0
+    assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
+
+
+def test_a_resumed_run_continues_from_its_own_folder_and_drops_an_old_failure(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    run = finished_run_made_resumable(tmp_path, idx_root)
+    store(tmp_path).set_terminated(run.info.run_id, "FAILED")
+    store(tmp_path).set_tag(run.info.run_id, "failure", "OSError: artifact upload failed")
+    proc = run_gpool(tmp_path, idx_root, *SHORT, f"hydra.run.dir={tmp_path}/again")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 2" in proc.stdout
+    resumed = store(tmp_path).get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED" and "failure" not in resumed.data.tags
+    assert resumed.data.tags[CHECKPOINT_TAG] == str(tmp_path / "again" / "checkpoint.pt")
+    state = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=True)
+    assert state["meta"]["mlflow_run_id"] == run.info.run_id and state["epoch"] == 2
+
+
+def test_credentials_in_the_tracking_uri_are_used_but_never_logged(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "served") as url:
+        secret = url.replace("http://", "http://alice:s3cr3t@")
+        proc = run_gpool(
+            tmp_path,
+            idx_root,
+            "pool=avg,max",
+            *SHORT,
+            f"mlflow.tracking_uri={secret}",
+            multirun=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        ours = [line for line in proc.stdout.splitlines() if "][gpool." in line]
+        assert ours and not [line for line in ours if "s3cr3t" in line]
+        client = MlflowClient(url)
+        runs = client.search_runs([client.get_experiment_by_name("gpool").experiment_id])
+        assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+        for run in runs:
+            logged = [run.info.run_name, *run.data.params.values(), *run.data.tags.values()]
+            assert not [v for v in logged if "s3cr3t" in v or "alice" in v], run.info.run_name
+        child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
+        assert child.data.params["mlflow.tracking_uri"] == url
+        for name in ("config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"):
+            text = Path(
+                download_artifacts(
+                    run_id=child.info.run_id,
+                    artifact_path=name,
+                    tracking_uri=url,
+                    dst_path=str(tmp_path / "download"),
+                )
+            ).read_text()
+            assert "s3cr3t" not in text and "alice" not in text and "127.0.0.1" in text, name
+
+
+def test_an_interrupted_sweep_rerun_is_one_sweep_compared_whole(
+    tmp_path: Path, big_root: Path
+) -> None:
+    """Stopped while its second job trains, then rerun: the first job is skipped, the
+    second resumed, and both belong to the one sweep that compare reports on."""
+    proc = start_gpool(
+        tmp_path,
+        big_root,
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        "pool=avg,max",
+        *LONG,
+        until=[tmp_path / "multirun" / "1" / "checkpoint.pt"],
+        multirun=True,
+    )
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert sorted(r.info.status for r in job_runs(tmp_path)) == ["FINISHED", "KILLED"]
+    proc = run_gpool(tmp_path, big_root, "pool=avg,max", *LONG, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipping pool=avg seed=0" in proc.stdout and "resuming after epoch" in proc.stdout
+    (sweep,) = sweep_runs(tmp_path)
+    assert sweep.info.status == "FINISHED"
+    result = compare(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 finished runs from sweep" in result.stdout
+    assert "| pool=avg | 1 |" in result.stdout and "| pool=max | 1 |" in result.stdout
+
+
+def test_a_wider_sweep_counts_the_jobs_an_earlier_sweep_finished(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
+    proc = run_gpool(tmp_path, idx_root, "pool=avg,max", "seed=0,1", *SHORT, multirun=True)
+    assert proc.returncode == 0 and proc.stdout.count("skipping pool=") == 2
+    assert len(job_runs(tmp_path)) == 4 and len(sweep_runs(tmp_path)) == 2
+    result = compare(tmp_path)  # the latest sweep: all four of its jobs, two per head
+    assert "4 finished runs from sweep" in result.stdout, result.stderr
+    assert "| pool=avg | 2 |" in result.stdout and "| pool=max | 2 |" in result.stdout
+
+
+def test_compare_names_the_jobs_it_leaves_out_and_why(tmp_path: Path, idx_root: Path) -> None:
+    proc = run_gpool(tmp_path, idx_root, "optimizer.lr=1e12,3e-4", *SHORT, multirun=True)
+    assert proc.returncode != 0
+    result = compare(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 finished runs from sweep" in result.stdout
+    assert "Not compared:" in result.stdout
+    assert "pool=avg seed=0: FAILED: NonFiniteLossError: training loss became nan" in result.stdout
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_sigkill_of_the_launcher_leaves_no_worker_and_nothing_running(
+    tmp_path: Path, idx_root: Path, launcher: str
+) -> None:
+    parallel = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2") if launcher == "joblib" else ()
+    jobs = (0, 1) if parallel else (0,)
+    proc = start_gpool(
+        tmp_path,
+        idx_root,
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        *parallel,
+        "pool=avg,max",
+        "trainer.epochs=1000",
+        *SHORT[1:],
+        until=[tmp_path / "multirun" / str(n) / "checkpoint.pt" for n in jobs],
+        multirun=True,
+    )
+    proc.kill()  # the launching process alone: nobody can tidy up for it
+    proc.wait(timeout=10)
+    assert session_ends(proc.pid, seconds=60), "workers outlived their launcher"
+    proc.communicate(timeout=10)  # nothing holds its output open any more
+    if parallel:  # the workers noticed and ended their own runs
+        assert {r.info.status for r in job_runs(tmp_path)} == {"KILLED"}
+    assert run_gpool(tmp_path, idx_root, *SHORT).returncode == 0  # the next command tidies
+    assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
+    assert sweep_runs(tmp_path)[0].info.status == "KILLED"
+
+
+@pytest.mark.parametrize(
+    ("moment", "message"),
+    [
+        ("loading the data", "stopped by SIGTERM while the data was loaded"),
+        ("logging the final artifacts", "stopped by SIGTERM while the final artifacts were logged"),
+    ],
+)
+def test_sigterm_while_loading_or_logging_ends_in_one_line_and_no_running_run(
+    tmp_path: Path, moment: str, message: str
+) -> None:
+    images = tmp_path / "images"
+    write_image_folder(images, {"ash": 40, "birch": 200}, size=8, count=1200)
+    own = ("dataset=image_folder", f"dataset.root={images}", "dataset.num_classes=2")
+    args = (*own, *SHORT, "trainer.log_every_n_steps=2", f"hydra.run.dir={tmp_path}/single")
+    proc = start_gpool(tmp_path, tmp_path, *args, output=moment)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and message in output, output
+    assert "Traceback" not in output
+    runs = job_runs(tmp_path)
+    if moment == "loading the data":
+        assert runs == []  # nothing was logged yet
+        return
+    assert [r.info.status for r in runs] == ["KILLED"]
+    proc = run_gpool(tmp_path, tmp_path, *args)  # the rerun only logs what was left
+    assert proc.returncode == 0 and "resuming after epoch 2" in proc.stdout, proc.stderr
+    assert "epoch 1/2" not in proc.stdout
+    (run,) = job_runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    names = {a.path for a in store(tmp_path).list_artifacts(run.info.run_id)}
+    assert {"model.pt", "curves.png", "confusion_matrix.json"} <= names
+
+
+def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: Path) -> None:
+    args = [sys.executable, "-m", "gpool.train", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    args += [GENERATED, *SHORT]
+    procs = [
+        subprocess.Popen(
+            [*args, f"hydra.run.dir={tmp_path}/run{i}"],
+            cwd=tmp_path,
+            env=gpool_env(idx_root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    runs = client.search_runs([client.get_experiment_by_name("gpool").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"], outputs
+    assert sum("epoch 2/2" in out for out in outputs) == 1
+    assert any("already running" in out or "skipping" in out for out in outputs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("trainer.epochs=-1",), "trainer.epochs must be >= 1, not -1"),
+        (("trainer.batch_size=0",), "trainer.batch_size must be >= 1, not 0"),
+        (("optimizer.lr=-1",), "optimizer.lr must be a number > 0, not -1"),
+        (("optimizer.lr=abc",), "optimizer.lr must be a number > 0, not 'abc'"),
+        (("+optimizer.betas=[0.9,2.0]",), "optimizer: Invalid beta parameter"),
+        (("seed=1.5",), "seed must be a whole number >= 0, not 1.5"),
+        (("dataset=image_folder",), "dataset.num_classes=..., dataset.root=..."),
+        (("mlflow.tracking_uri=sqlite:////proc/gpool/mlflow.db",), "cannot be written"),
+        pytest.param(
+            ("trainer.device=cuda",),
+            "torch sees no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
+    ],
+    ids=lambda v: v[0] if isinstance(v, tuple) else None,
+)
+def test_a_mistake_is_one_line_and_leaves_no_run(
+    tmp_path: Path, idx_root: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    one_clear_line(run_gpool(tmp_path, idx_root, *SHORT, *overrides), message)
+    assert job_runs(tmp_path) == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounts a small tmpfs")
+def test_a_full_disk_while_checkpointing_fails_the_run_and_leaves_no_partial_file(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    with tmpfs(tmp_path / "small", "120k") as small:
+        proc = run_gpool(tmp_path, idx_root, *SHORT, f"hydra.run.dir={small}/run")
+        one_clear_line(proc, f"cannot write the checkpoint {small}/run/checkpoint.pt")
+        assert not list(small.rglob("*.tmp"))
+    (run,) = job_runs(tmp_path)
+    assert run.info.status == "FAILED" and "CheckpointError" in run.data.tags["failure"]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs read-only")
+def test_stores_that_cannot_work_fail_fast_with_one_line(tmp_path: Path, idx_root: Path) -> None:
+    with tmpfs(tmp_path / "ro", "20m") as folder:
+        (folder / "mlflow.db").touch()  # an existing store on a disk that turned read-only
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        start = time.monotonic()
+        proc = run_gpool(
+            tmp_path, idx_root, *SHORT, f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db"
+        )
+        one_clear_line(proc, "Read-only file system")
+        assert time.monotonic() - start < 60
+    start = time.monotonic()
+    one_clear_line(compare(tmp_path, uri="http://127.0.0.1:1"), "is unreachable")
+    assert time.monotonic() - start < 60  # not minutes of retries
+    typo = tmp_path / "mlfow.db"
+    one_clear_line(compare(tmp_path, uri=f"sqlite:///{typo}"), f"no MLflow store at {typo}")
+    assert not typo.exists()
+
+
+def test_compare_mistakes_are_one_line(tmp_path: Path, idx_root: Path) -> None:
+    assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
+    one_clear_line(compare(tmp_path, "--parent", "0123456789abcdef"), "0123456789abcdef")
+    one_clear_line(compare(tmp_path, "--filter", "tags.pool = = 'avg'"), "nvalid")
+
+
+def test_a_relative_sqlite_uri_keeps_database_and_artifacts_together(tmp_path: Path) -> None:
+    data = make_idx_root(tmp_path)
+    proc = run_gpool(tmp_path, data, *SHORT, "mlflow.tracking_uri=sqlite:///rel/store.db")
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/rel/store.db")
+    experiment = client.get_experiment_by_name("gpool")
+    assert experiment.artifact_location == (tmp_path / "rel" / "mlartifacts").as_uri()
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert (tmp_path / "rel" / "mlartifacts" / run.info.run_id / "artifacts" / "model.pt").is_file()
+    assert run.info.status == "FINISHED"
