@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,35 +64,47 @@ class EpochResult:
 
 
 @dataclass
+class Member:
+    """One run being trained: its name in the log, its shuffling order, what it measured,
+    and why it stopped early (a NaN loss), if it did."""
+
+    name: str
+    generator: torch.Generator
+    history: list[EpochResult] = field(default_factory=list)
+    failure: GpoolError | None = None
+
+
+@dataclass
 class TrainState:
-    """Everything that changes while a run trains: what a checkpoint saves and restores."""
+    """Everything that changes while runs train: what a checkpoint saves and restores.
+
+    `model` is one network (one member) or a gpool.model.StackedModel of several members,
+    which takes and returns the members' batches one after the other ([members x batch]);
+    one optimizer and scheduler serve all members.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any | None
     scheduler_interval: str  # "step" or "epoch"
-    generator: torch.Generator  # the epochs' shuffling order
-    history: list[EpochResult] = field(default_factory=list)
+    members: list[Member]
 
 
 @dataclass
 class TrainPass:
-    """One epoch's training pass, still on the device: read once, after the epoch."""
+    """One epoch's training pass, per member, still on the device: read after the epoch."""
 
-    loss_sum: Tensor
-    correct: Tensor
-    seen: int
-    samples: list[tuple[int, Tensor]]
+    loss_sum: Tensor  # [members]
+    correct: Tensor  # [members]
+    seen: int  # images per member
+    samples: list[tuple[int, Tensor]]  # (global step, [members] losses)
 
-    def read(self, epoch: int) -> tuple[float, float]:
-        """Mean loss and accuracy; a NaN or infinite loss ends the run here."""
-        loss = self.loss_sum.item() / self.seen
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss} in epoch {epoch}: lower optimizer.lr "
-                "or check the data"
-            )
-        return loss, self.correct.item() / self.seen
+    def read(self, n: int) -> tuple[float, float]:
+        """Member n's mean loss and accuracy."""
+        return self.loss_sum[n].item() / self.seen, self.correct[n].item() / self.seen
+
+    def step_losses(self, n: int) -> list[tuple[int, float]]:
+        return [(step, losses[n].item()) for step, losses in self.samples]
 
 
 def seed_everything(seed: int) -> None:
@@ -191,11 +203,12 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         data: ImageData,
-        seed: int,
+        seeds: Sequence[tuple[str, int]],
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "epoch",
     ) -> TrainState:
-        """The state before epoch 1. `scheduler` is a partial of a torch lr scheduler; a
+        """The state before epoch 1, for members named and seeded by `seeds`, (name, seed)
+        pairs (one for a plain model). `scheduler` is a partial of a torch lr scheduler; a
         per-step one ('step' interval) also receives steps_per_epoch."""
         if scheduler_interval not in ("step", "epoch"):
             raise GpoolError(
@@ -205,61 +218,82 @@ class Trainer:
             steps = self.steps_per_epoch(data)
             extra = {"steps_per_epoch": steps} if scheduler_interval == "step" else {}
             scheduler = scheduler(optimizer, **extra)
-        generator = torch.Generator().manual_seed(seed)
-        return TrainState(model, optimizer, scheduler, scheduler_interval, generator)
+        members = [Member(name, torch.Generator().manual_seed(seed)) for name, seed in seeds]
+        return TrainState(model, optimizer, scheduler, scheduler_interval, members)
 
     def fit(
         self,
         state: TrainState,
         data: ImageData,
-        on_epoch: Callable[[EpochResult], None] | None = None,
+        on_epoch: Callable[[int, EpochResult], None] | None = None,
+        on_failure: Callable[[int, GpoolError], None] | None = None,
         stop: Stop | None = None,
-    ) -> list[EpochResult]:
-        """Train from the epoch after `state.history` to `epochs`, calling `on_epoch` after
-        each (where the caller logs and checkpoints); `stop` is asked between steps."""
+    ) -> None:
+        """Train from the epoch after the members' histories to `epochs`, calling
+        `on_epoch(member, result)` after each (where the caller logs and checkpoints);
+        `stop` is asked between steps. A member whose loss turns NaN or infinite stops
+        being reported: `on_failure(member, error)`, or the error is raised if no
+        on_failure is given. Its NaNs stay in its own slices of the stacked weights."""
         # The compiled wrapper shares the model's parameters; callers keep the plain model
         # (its state_dict has no `_orig_mod.` prefix). Compile time lands in epoch 1.
         model = torch.compile(state.model) if self.compile else state.model
-        for epoch in range(len(state.history) + 1, self.epochs + 1):
+        for epoch in range(len(state.members[0].history) + 1, self.epochs + 1):
             lr = state.optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             trained = self._train_pass(model, state, data, epoch, stop)
             if state.scheduler is not None and state.scheduler_interval == "epoch":
                 state.scheduler.step()
-            train_loss, train_acc = trained.read(epoch)
+            steps = self.steps_per_epoch(data)
+            train = [trained.read(n) for n in range(len(state.members))]  # from the pass itself
+            members = len(state.members)
             if self.train_eval_pass:
-                steps = self.steps_per_epoch(data)
-                train_loss, train_acc = self.evaluate(model, data, data.train, limit=steps)
-            val_loss, val_acc = self.evaluate(model, data, data.val, self.limit_val_batches)
+                train = self.evaluate(model, data, data.train, steps, members)
+            val = self.evaluate(model, data, data.val, self.limit_val_batches, members)
             seconds = time.perf_counter() - start
-            samples = [(step, loss.item()) for step, loss in trained.samples]
-            result = EpochResult(
-                epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, samples
-            )
-            state.history.append(result)
-            log.info(
-                "epoch %d/%d training_loss: %.4f training_accuracy: %.4f validation_loss: "
-                "%.4f validation_accuracy: %.4f (%.1f s)",
-                *(epoch, self.epochs, train_loss, train_acc, val_loss, val_acc, seconds),
-            )
-            if on_epoch is not None:
-                on_epoch(result)
-        return state.history
+            for n, member in enumerate(state.members):
+                if member.failure is not None:
+                    continue
+                result = EpochResult(epoch, *train[n], *val[n], lr, seconds, trained.step_losses(n))
+                member.history.append(result)
+                if not math.isfinite(trained.read(n)[0]):
+                    member.failure = NonFiniteLossError(
+                        f"training loss became {trained.read(n)[0]} in epoch {epoch}: lower "
+                        "optimizer.lr or check the data"
+                    )
+                    if on_failure is None:
+                        raise member.failure
+                    on_failure(n, member.failure)
+                    continue
+                log.info(
+                    "%sepoch %d/%d training_loss: %.4f training_accuracy: %.4f "
+                    "validation_loss: %.4f validation_accuracy: %.4f (%.1f s)",
+                    *(f"{member.name} " if member.name else "", epoch, self.epochs),
+                    *(*train[n], *val[n], seconds),
+                )
+                if on_epoch is not None:
+                    on_epoch(n, result)
+            if all(member.failure is not None for member in state.members):
+                return
 
     def _train_pass(
         self, model: nn.Module, state: TrainState, data: ImageData, epoch: int, stop: Stop | None
     ) -> TrainPass:
-        """One epoch of steps in the generator's order; a per-step scheduler steps too."""
+        """One epoch of steps, each member in its generator's order; a per-step scheduler
+        steps too. The loss is the sum of the members' mean losses, so each member's
+        gradient is the one its own run would get."""
         model.train()
         steps = self.steps_per_epoch(data)
-        n = len(data.train)
-        order = torch.randperm(n, generator=state.generator) if self.shuffle else torch.arange(n)
-        order = order[: steps * self.batch_size].to(self.device)
+        members, n, size = len(state.members), len(data.train), self.batch_size
+        orders = [
+            torch.randperm(n, generator=m.generator) if self.shuffle else torch.arange(n)
+            for m in state.members
+        ]
+        order = torch.stack(orders)[:, : steps * size].to(self.device)
         step_scheduler = state.scheduler if state.scheduler_interval == "step" else None
         trained = TrainPass(
-            loss_sum=torch.zeros((), device=self.device),
-            correct=torch.zeros((), dtype=torch.int64, device=self.device),
-            seen=order.shape[0],
+            loss_sum=torch.zeros(members, device=self.device),
+            correct=torch.zeros(members, dtype=torch.int64, device=self.device),
+            seen=order.shape[1],
             samples=[],
         )
         first_step = (epoch - 1) * steps
@@ -267,44 +301,52 @@ class Trainer:
         for i in bar:
             if stop is not None:
                 stop.check(f"in epoch {epoch} (the checkpoint after epoch {epoch - 1} stands)")
-            x, y = data.batch(data.train, order[i * self.batch_size : (i + 1) * self.batch_size])
+            x, y = data.batch(data.train, order[:, i * size : (i + 1) * size].flatten())
             with self.autocast():
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                losses = F.cross_entropy(logits, y, reduction="none").view(members, -1).mean(1)
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.sum().backward()
             state.optimizer.step()
             if step_scheduler is not None:
                 step_scheduler.step()
-            loss = loss.detach()
-            trained.loss_sum += loss * y.shape[0]
-            trained.correct += (logits.argmax(1) == y).sum()
+            losses = losses.detach()
+            trained.loss_sum += losses * (y.shape[0] // members)
+            trained.correct += (logits.argmax(1) == y).view(members, -1).sum(1)
             if (first_step + i + 1) % self.log_every_n_steps == 0:
-                trained.samples.append((first_step + i + 1, loss))
+                trained.samples.append((first_step + i + 1, losses))
         return trained
 
     def _eval_batches(
-        self, model: nn.Module, data: ImageData, split: Split, n: int
+        self, model: nn.Module, data: ImageData, split: Split, n: int, members: int = 1
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(logits, labels) over the first `n` images of `split`, in large batches."""
+        """(logits, labels) over the first `n` images of `split`, in large batches; with
+        several members, every member sees every batch ([members x batch])."""
         model.eval()
         for start in range(0, n, self.eval_batch_size):
-            x, y = data.batch(split, slice(start, min(start + self.eval_batch_size, n)))
+            index = torch.arange(start, min(start + self.eval_batch_size, n), device=self.device)
+            x, y = data.batch(split, index.repeat(members))
             with self.autocast():
                 yield model(x).float(), y
 
     @torch.inference_mode()
     def evaluate(
-        self, model: nn.Module, data: ImageData, split: Split, limit: int | None = None
-    ) -> tuple[float, float]:
-        """Mean loss and accuracy over `split` (its first `limit` eval batches if set)."""
+        self,
+        model: nn.Module,
+        data: ImageData,
+        split: Split,
+        limit: int | None = None,
+        members: int = 1,
+    ) -> list[tuple[float, float]]:
+        """Each member's mean loss and accuracy over `split` (its first `limit` eval batches
+        if set)."""
         n = min(len(split), (limit or len(split)) * self.eval_batch_size)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for logits, y in self._eval_batches(model, data, split, n):
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-        return loss_sum.item() / n, correct.item() / n
+        loss_sum = torch.zeros(members, device=self.device)
+        correct = torch.zeros(members, dtype=torch.int64, device=self.device)
+        for logits, y in self._eval_batches(model, data, split, n, members):
+            loss_sum += F.cross_entropy(logits, y, reduction="none").view(members, -1).sum(1)
+            correct += (logits.argmax(1) == y).view(members, -1).sum(1)
+        return [(s / n, c / n) for s, c in zip(loss_sum.tolist(), correct.tolist(), strict=True)]
 
     @torch.inference_mode()
     def predict(self, model: nn.Module, data: ImageData, split: Split) -> Tensor:

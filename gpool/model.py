@@ -1,11 +1,13 @@
 """The article's convnet with a pluggable global pooling head (conf/model, conf/pool)."""
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
 
 
 class ConvNet(nn.Module):
@@ -73,3 +75,72 @@ class ConvNet(nn.Module):
 def build_model(cfg: DictConfig) -> ConvNet:
     """The network a config describes: conf/model with the head from conf/pool."""
     return instantiate(cfg.model, pool=instantiate(cfg.pool))
+
+
+class Stack(nn.Module):
+    """Networks of one architecture as one: their parameters stacked [size, ...] and one
+    vmapped functional call, which turns every convolution into a grouped one (one kernel
+    launch for all of them instead of one each)."""
+
+    def __init__(self, networks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        stacked, buffers = stack_module_state(list(networks))
+        if buffers:
+            raise ValueError("networks with buffers (e.g. BatchNorm) cannot be stacked here")
+        self.names = list(stacked)
+        self.weights = nn.ParameterList(nn.Parameter(stacked[k].detach()) for k in self.names)
+        self.size = len(networks)
+        # Not a submodule: its parameters live in `weights`; it only supplies the code.
+        self.base = (copy.deepcopy(networks[0]).to("meta"),)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[size x batch, ...] inputs, member after member -> outputs alike."""
+
+        def one(weights: tuple[Tensor, ...], xi: Tensor) -> Tensor:
+            return functional_call(self.base[0], dict(zip(self.names, weights, strict=True)), xi)
+
+        batches = x.view(self.size, -1, *x.shape[1:])
+        return vmap(one)(tuple(self.weights), batches).flatten(0, 1)
+
+    def state_of(self, j: int) -> dict[str, Tensor]:
+        """The state_dict of the j-th network, as its own run would save it."""
+        return {
+            name: w[j].detach().clone() for name, w in zip(self.names, self.weights, strict=True)
+        }
+
+
+def architecture(network: nn.Module) -> str:
+    """What networks must share to be stacked: layers, head and parameter shapes."""
+    shapes = [(k, tuple(v.shape)) for k, v in network.named_parameters()]
+    return f"{network!r} {getattr(network, 'output_activation', None)} {shapes}"
+
+
+class StackedModel(nn.Module):
+    """Several runs' networks trained as one model (a fused sweep): consecutive networks of
+    one architecture form a Stack, so heads with parameters stack them per member. Takes
+    and returns the members' batches one after the other ([members x batch, ...])."""
+
+    def __init__(self, networks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        runs: list[list[nn.Module]] = []
+        for network in networks:
+            if runs and architecture(runs[-1][0]) == architecture(network):
+                runs[-1].append(network)
+            else:
+                runs.append([network])
+        self.stacks = nn.ModuleList(Stack(run) for run in runs)
+        self.members = len(networks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(self.stacks) == 1:
+            return self.stacks[0](x)
+        parts = x.view(self.members, -1, *x.shape[1:]).split([s.size for s in self.stacks])
+        return torch.cat([s(p.flatten(0, 1)) for s, p in zip(self.stacks, parts, strict=True)])
+
+    def locate(self, n: int) -> tuple[Stack, int]:
+        """The stack that holds member n, and n's index in it."""
+        for stack in self.stacks:
+            if n < stack.size:
+                return stack, n
+            n -= stack.size
+        raise IndexError(f"no member {n} in {self.members}")

@@ -21,7 +21,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -31,10 +31,12 @@ import numpy as np
 import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from torch.optim import Optimizer
 
 from gpool import GpoolError
 from gpool.config import flatten
 from gpool.engine import EpochResult, TrainState
+from gpool.model import StackedModel
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +133,36 @@ def stop_with_launcher(grace_seconds: float = 20.0) -> None:
 # --- checkpoints --------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, state: TrainState, meta: Mapping[str, str]) -> None:
-    """Everything needed to continue bit for bit, as tensors and plain data: weights,
-    optimiser and scheduler state, the shuffling generator, the global RNGs and the epochs
-    so far. Written to a temporary file and renamed, so a kill mid-write leaves the previous
-    checkpoint intact; a failed write (a full disk) leaves no temporary file."""
+def member_parts(state: TrainState, n: int) -> dict[str, Any]:
+    """Member n's weights and optimiser state as its own run would hold them, whether it
+    trains alone or stacked with others (so it can resume either way)."""
+    if not isinstance(state.model, StackedModel):
+        return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+    stack, j = state.model.locate(n)
+    full = state.optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(state.optimizer.param_groups[0]["params"])}
+    slots = {}
+    for i, weight in enumerate(stack.weights):
+        if (slot := full["state"].get(index[id(weight)])) is not None:
+            slots[i] = {k: v[j].clone() if v.dim() else v.clone() for k, v in slot.items()}
+    group = {k: v for k, v in full["param_groups"][0].items() if k != "params"}
+    group["params"] = list(range(len(stack.weights)))
+    return {"model": stack.state_of(j), "optimizer": {"state": slots, "param_groups": [group]}}
+
+
+def save_checkpoint(path: Path, state: TrainState, n: int, meta: Mapping[str, str]) -> None:
+    """Everything member n needs to continue bit for bit, as tensors and plain data:
+    weights, optimiser and scheduler state, its shuffling generator, the global RNGs and
+    its epochs so far. Written to a temporary file and renamed, so a kill mid-write leaves
+    the previous checkpoint intact; a failed write (a full disk) leaves no temporary file."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
+    member = state.members[n]
     payload = {
-        "epoch": len(state.history),
-        "history": [asdict(r) for r in state.history],
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
+        **member_parts(state, n),
+        "epoch": len(member.history),
+        "history": [asdict(r) for r in member.history],
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-        "generator": state.generator.get_state(),
+        "generator": member.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy_rng": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
@@ -187,23 +206,53 @@ def load_checkpoint(path: Path, run_id: str, fingerprint: str) -> dict[str, Any]
     return state
 
 
-def restore(checkpoint: Mapping[str, Any], state: TrainState) -> None:
-    """Load a checkpoint into live training state (before training continues)."""
-    state.model.load_state_dict(checkpoint["model"])
-    state.optimizer.load_state_dict(checkpoint["optimizer"])
+def restore(checkpoints: Sequence[Mapping[str, Any]], state: TrainState) -> None:
+    """Load each member's checkpoint into live training state, before training continues.
+    Members that train together resume from the same epoch: the optimiser's step count and
+    the scheduler are shared."""
+    model, first = state.model, checkpoints[0]
+    if isinstance(model, StackedModel):
+        load_stacked(checkpoints, model, state.optimizer)
+    else:
+        model.load_state_dict(first["model"])
+        state.optimizer.load_state_dict(first["optimizer"])
     if state.scheduler is not None:
-        state.scheduler.load_state_dict(checkpoint["scheduler"])
-    state.generator.set_state(checkpoint["generator"])
-    torch.set_rng_state(checkpoint["torch_rng"])
-    if checkpoint["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-    kind, keys, position, has_gauss, cached = checkpoint["numpy_rng"]
+        state.scheduler.load_state_dict(first["scheduler"])
+    for member, checkpoint in zip(state.members, checkpoints, strict=True):
+        member.generator.set_state(checkpoint["generator"])
+        member.history[:] = [
+            EpochResult(**{**r, "step_losses": [tuple(s) for s in r["step_losses"]]})
+            for r in checkpoint["history"]
+        ]
+    torch.set_rng_state(first["torch_rng"])
+    if first["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(first["cuda_rng"])
+    kind, keys, position, has_gauss, cached = first["numpy_rng"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    random.setstate(checkpoint["python_rng"])
-    state.history[:] = [
-        EpochResult(**{**r, "step_losses": [tuple(s) for s in r["step_losses"]]})
-        for r in checkpoint["history"]
-    ]
+    random.setstate(first["python_rng"])
+
+
+def load_stacked(
+    checkpoints: Sequence[Mapping[str, Any]], model: StackedModel, optimizer: Optimizer
+) -> None:
+    """Stack the members' weights and optimiser slots back into a StackedModel's."""
+    full = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
+    n = 0
+    for stack in model.stacks:
+        mine = checkpoints[n : n + stack.size]
+        with torch.no_grad():
+            for name, weight in zip(stack.names, stack.weights, strict=True):
+                weight.copy_(torch.stack([c["model"][name] for c in mine]))
+        for i, weight in enumerate(stack.weights):
+            slots = [c["optimizer"]["state"].get(i) for c in mine]
+            if slots[0] is not None:
+                full["state"][index[id(weight)]] = {
+                    k: torch.stack([s[k] for s in slots]) if v.dim() else v.clone()
+                    for k, v in slots[0].items()
+                }
+        n += stack.size
+    optimizer.load_state_dict(full)
 
 
 # --- earlier runs of the same config ------------------------------------------------------

@@ -394,6 +394,7 @@ class Tracker:
         self.tags.update(process_tags())
         self.resumed = resume_run_id is not None
         self.run_id = resume_run_id or ""
+        self.closed = False
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call an MLflow function, adding its time to `seconds`."""
@@ -422,6 +423,9 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any):
+        if self.closed:  # ended early (one member of a fused group failed)
+            return False
+        self.closed = True
         if exc_type is None:
             status = RunStatus.FINISHED
             if self.resumed:  # an earlier failure no longer describes this run

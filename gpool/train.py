@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import sys
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -15,14 +21,15 @@ from hydra.utils import instantiate
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import build as build_object
 from gpool.config import check_values
 from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
-from gpool.engine import Trainer, TrainState, seed_everything
-from gpool.model import build_model
+from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
+from gpool.model import StackedModel, build_model
 from gpool.plots import plot_class_maps, plot_confusion, plot_curves
 from gpool.resume import (
     CHECKPOINT_TAG,
@@ -31,6 +38,7 @@ from gpool.resume import (
     claim,
     config_hash,
     load_checkpoint,
+    member_parts,
     restore,
     resume_point,
     save_checkpoint,
@@ -41,11 +49,82 @@ from gpool.tracking import Tracker, experiment_id, open_store, redact, register_
 log = logging.getLogger("gpool.train")
 
 
-def log_diagnostics(run: Tracker, trainer: Trainer, state: TrainState, data: ImageData) -> None:
+@dataclass
+class Job:
+    """One Hydra job, i.e. one run: its config, its Hydra config (output folder, choices,
+    overrides) and what follows from them."""
+
+    cfg: DictConfig
+    hydra: DictConfig
+
+    @classmethod
+    def current(cls, cfg: DictConfig) -> Job:
+        return cls(cfg, HydraConfig.get())
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.cfg, resolve=True)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return config_hash(self.config)
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.hydra.runtime.output_dir) / "checkpoint.pt"
+
+    @property
+    def run_name(self) -> str:
+        return (
+            self.cfg.mlflow.run_name
+            or f"pool={self.hydra.runtime.choices.pool} seed={self.cfg.seed}"
+        )
+
+    def tracker(
+        self,
+        client: MlflowClient,
+        experiment: str,
+        resume: Run | None,
+        group: Mapping[str, str],
+    ) -> Tracker:
+        """This job's run, new or resumed; `group` tags name the fused group it trains in."""
+        overrides = list(self.hydra.overrides.task)
+        tags = tags_for(dict(self.hydra.runtime.choices), self.cfg.seed, overrides)
+        tags.update({HASH_TAG: self.fingerprint, CHECKPOINT_TAG: str(self.checkpoint), **group})
+        resume_id = resume.info.run_id if resume is not None else None
+        return Tracker(client, experiment, self.run_name, self.config, tags, resume_id)
+
+    def skip(self, client: MlflowClient, finished: Run) -> float:
+        """This config already FINISHED: count that run in this sweep, train nothing."""
+        log.info(
+            "skipping %s: this config already FINISHED as MLflow run %s "
+            "(trainer.resume=false trains it again)",
+            self.run_name,
+            finished.info.run_id,
+        )
+        register_job(client, self.fingerprint, finished.info.run_id)
+        return finished.data.metrics.get("val_acc", float("nan"))
+
+
+@dataclass
+class Resumed:
+    """A job to train, and the earlier run and checkpoint it continues, if any."""
+
+    job: Job
+    run: Run | None = None
+    checkpoint: dict[str, Any] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.checkpoint["epoch"] if self.checkpoint is not None else 0
+
+
+def log_diagnostics(
+    run: Tracker, trainer: Trainer, model: nn.Module, member: Member, data: ImageData, job: Job
+) -> None:
     """What every run keeps besides metrics: weights, curves, the class maps that enter the
     pool for one fixed validation image per class, and the validation confusion matrix."""
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
-    model = state.model
+    job_dir = job.checkpoint.parent
     torch.save(model.state_dict(), job_dir / "model.pt")
     images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
     matrix = confusion_matrix(
@@ -60,7 +139,7 @@ def log_diagnostics(run: Tracker, trainer: Trainer, state: TrainState, data: Ima
     run.log_artifacts(
         [
             job_dir / "model.pt",
-            plot_curves(state.history, job_dir / "curves.png", run.run_name),
+            plot_curves(member.history, job_dir / "curves.png", run.run_name),
             plot_class_maps(
                 images,
                 maps,
@@ -74,99 +153,170 @@ def log_diagnostics(run: Tracker, trainer: Trainer, state: TrainState, data: Ima
     )
 
 
-def build(cfg: DictConfig, trainer: Trainer) -> tuple[ImageData, TrainState]:
-    """The data and the training state before epoch 1 that `cfg` describes, seeded, on the
-    trainer's device."""
+def network(cfg: DictConfig, trainer: Trainer) -> nn.Module:
+    """The network of one run, seeded and initialised as its own run would be."""
     seed_everything(cfg.seed)
-    log.info("loading the data from %s", cfg.dataset.get("root"))
-    data = build_object(cfg.dataset).load(trainer.device, trainer.channels_last)
-    model = trainer.prepare(build_model(cfg))
-    optimizer = instantiate(cfg.optimizer)
+    return trainer.prepare(build_model(cfg))
+
+
+def start(
+    trainer: Trainer, data: ImageData, configs: list[DictConfig], names: list[str] | None = None
+) -> TrainState:
+    """The training state of runs with these configs before epoch 1: one network, or a
+    StackedModel of several, each initialised exactly as its own run would be; one
+    optimiser over all. `names` label the members in the log."""
+    networks = [network(cfg, trainer) for cfg in configs]
+    model = networks[0] if len(networks) == 1 else StackedModel(networks).to(trainer.device)
+    cfg = configs[0]
     try:
-        optimizer = optimizer(model.parameters())
+        optimizer = instantiate(cfg.optimizer)(model.parameters())
     except (TypeError, ValueError) as err:  # torch's checks of lr, betas, momentum...
         raise GpoolError(f"optimizer: {err}") from None
+    seeds = [(name, c.seed) for name, c in zip(names or [""] * len(configs), configs, strict=True)]
     scheduler = instantiate(cfg.scheduler.lr_scheduler)
-    return data, trainer.start(model, optimizer, data, cfg.seed, scheduler, cfg.scheduler.interval)
+    return trainer.start(model, optimizer, data, seeds, scheduler, cfg.scheduler.interval)
 
 
-def train(
-    run: Tracker,
-    cfg: DictConfig,
+def plan(
+    jobs: list[Job], client: MlflowClient, experiment: str, trainer: Trainer
+) -> tuple[dict[int, float], list[tuple[int, Resumed]]]:
+    """For each job: skip it (its FINISHED run's val_acc), or train it, fresh or from its
+    checkpoint. Call with every job's claim held."""
+    skipped: dict[int, float] = {}
+    todo: list[tuple[int, Resumed]] = []
+    for i, job in enumerate(jobs):
+        run, path = (
+            resume_point(client, experiment, job.fingerprint) if trainer.resume else (None, None)
+        )
+        if run is not None and path is None:
+            skipped[i] = job.skip(client, run)
+        elif run is not None:
+            todo.append(
+                (i, Resumed(job, run, load_checkpoint(path, run.info.run_id, job.fingerprint)))
+            )
+        else:
+            todo.append((i, Resumed(job)))
+    return skipped, todo
+
+
+def train_group(jobs: list[Job], trainer: Trainer) -> list[float | GpoolError]:
+    """Train jobs that differ only in their seeds and heads together, each logged as its
+    own run (a single run is a group of one): skip those that FINISHED, resume the others
+    from their checkpoints; members resuming from the same epoch train as one model.
+    Returns each job's final val_acc, or the error that failed it."""
+    cfg = jobs[0].cfg
+    client, experiment = open_experiment(cfg)
+    results: dict[int, float | GpoolError] = {}
+    with StopOnSignal() as stop, ExitStack() as claims:
+        for fingerprint in sorted({job.fingerprint for job in jobs}):
+            claims.enter_context(claim(client.tracking_uri, experiment, fingerprint))
+        skipped, todo = plan(jobs, client, experiment, trainer)
+        results.update(skipped)
+        if not todo:
+            return [results[i] for i in range(len(jobs))]
+        # Data first: a missing dataset must not leave a half-made run.
+        log.info("loading the data from %s", cfg.dataset.get("root"))
+        data = build_object(cfg.dataset).load(trainer.device, trainer.channels_last)
+        stop.check("while the data was loaded")
+        todo.sort(key=lambda item: (item[1].epoch, json.dumps(item[1].job.config["pool"])))
+        for _, part in itertools.groupby(todo, key=lambda item: item[1].epoch):
+            indices, members = zip(*part, strict=True)
+            outcome = train_members(list(members), trainer, data, client, experiment, stop, claims)
+            results.update(zip(indices, outcome, strict=True))
+    return [results[i] for i in range(len(jobs))]
+
+
+def train_members(
+    members: list[Resumed],
+    trainer: Trainer,
+    data: ImageData,
+    client: MlflowClient,
+    experiment: str,
+    stop: StopOnSignal,
+    claims: ExitStack,
+) -> list[float | GpoolError]:
+    """Train members that resume from the same epoch as one model; release the claims once
+    their runs exist. Each run ends FINISHED, FAILED (its own NaN) or KILLED (a stop)."""
+    jobs = [m.job for m in members]
+    names, group = None, {}
+    if len(jobs) > 1:
+        names = [job.run_name for job in jobs]
+        key = hashlib.sha256(" ".join(sorted(j.fingerprint for j in jobs)).encode()).hexdigest()
+        group = {"gpool.fused_group": key[:16], "gpool.fused_size": str(len(jobs))}
+    state = start(trainer, data, [job.cfg for job in jobs], names)
+    if members[0].checkpoint is not None:
+        restore([m.checkpoint for m in members], state)
+        log.info("resuming after epoch %d", members[0].epoch)
+    with ExitStack() as open_runs:
+        trackers = [m.job.tracker(client, experiment, m.run, group) for m in members]
+        runs = [open_runs.enter_context(tracker) for tracker in trackers]
+        claims.close()  # the runs are RUNNING now: a second command sees them
+        failed: dict[int, GpoolError] = {}
+
+        def fail(n: int, error: GpoolError) -> None:
+            failed[n] = error
+            runs[n].__exit__(type(error), error, None)
+
+        train_runs(runs, jobs, trainer, data, state, stop, fail)
+    return [failed.get(n) or m.history[-1].val_acc for n, m in enumerate(state.members)]
+
+
+def train_runs(
+    runs: list[Tracker],
+    jobs: list[Job],
     trainer: Trainer,
     data: ImageData,
     state: TrainState,
     stop: StopOnSignal,
+    fail: Callable[[int, GpoolError], None],
 ) -> None:
-    """Train the run to its last epoch, logging and checkpointing after each, then log what
-    it learned. The checkpoint goes to this job's own folder."""
-    checkpoint = Path(HydraConfig.get().runtime.output_dir) / "checkpoint.pt"
-    meta = {"mlflow_run_id": run.run_id, "config_hash": run.tags[HASH_TAG]}
-    if state.history:  # resumed: this job's folder holds the state it continues from
-        save_checkpoint(checkpoint, state, meta)
-    run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    for path in sorted((checkpoint.parent / ".hydra").glob("*.yaml")):
-        run.log_text(path.read_text(), f"hydra/{path.name}")
+    """Train the runs to their last epoch, logging and checkpointing each after every
+    epoch (into its job's own folder), then log what each learned."""
+    metas = [{"mlflow_run_id": r.run_id, "config_hash": r.tags[HASH_TAG]} for r in runs]
+    for n, (run, job) in enumerate(zip(runs, jobs, strict=True)):
+        if state.members[n].history:  # resumed: its own folder holds the state it continues
+            save_checkpoint(job.checkpoint, state, n, metas[n])
+        run.log_text(OmegaConf.to_yaml(job.cfg, resolve=True), "config.yaml")
+        for path in sorted((job.checkpoint.parent / ".hydra").glob("*.yaml")):
+            run.log_text(path.read_text(), f"hydra/{path.name}")
 
-    def after_epoch(result) -> None:
-        run.log_epoch(result)
-        save_checkpoint(checkpoint, state, meta)
+    def after_epoch(n: int, result: EpochResult) -> None:
+        runs[n].log_epoch(result)
+        save_checkpoint(jobs[n].checkpoint, state, n, metas[n])
 
-    trainer.fit(state, data, on_epoch=after_epoch, stop=stop)
-    stop.check("before the final artifacts were logged")
-    log.info("logging the final artifacts of %s", run.run_name)
-    log_diagnostics(run, trainer, state, data)
-    stop.check("while the final artifacts were logged")
+    trainer.fit(state, data, on_epoch=after_epoch, on_failure=fail, stop=stop)
+    for n, member in enumerate(state.members):
+        if member.failure is not None:
+            continue
+        stop.check("before the final artifacts were logged")
+        log.info("logging the final artifacts of %s", runs[n].run_name)
+        model = state.model
+        if isinstance(model, StackedModel):
+            model = network(jobs[n].cfg, trainer)
+            model.load_state_dict(member_parts(state, n)["model"])
+        log_diagnostics(runs[n], trainer, model, member, data, jobs[n])
+        stop.check("while the final artifacts were logged")
 
 
-def skip(client: MlflowClient, finished: Run, fingerprint: str, run_name: str) -> float:
-    """A job whose config already FINISHED: count that run in this sweep, train nothing."""
-    log.info(
-        "skipping %s: this config already FINISHED as MLflow run %s "
-        "(trainer.resume=false trains it again)",
-        run_name,
-        finished.info.run_id,
-    )
-    register_job(client, fingerprint, finished.info.run_id)
-    return finished.data.metrics.get("val_acc", float("nan"))
+def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
+    client = open_store(cfg.mlflow.tracking_uri, create=True)
+    return client, experiment_id(client, cfg.mlflow.experiment_name)
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one model and log it; returns the final validation accuracy (for sweepers)."""
     check_values(cfg)
-    hydra_cfg = HydraConfig.get()
-    choices = dict(hydra_cfg.runtime.choices)
-    run_name = cfg.mlflow.run_name or f"pool={choices['pool']} seed={cfg.seed}"
-    config = OmegaConf.to_container(cfg, resolve=True)
-    fingerprint = config_hash(config)
     trainer: Trainer = build_object(cfg.trainer)
-    client = open_store(cfg.mlflow.tracking_uri, create=True)
-    experiment = experiment_id(client, cfg.mlflow.experiment_name)
+    job = Job.current(cfg)
+    log.info(
+        "%s on %s: %s", job.run_name, trainer.device, redact(" ".join(job.hydra.overrides.task))
+    )
     stop_with_launcher()
-    with StopOnSignal() as stop, ExitStack() as stack:
-        with claim(client.tracking_uri, experiment, fingerprint):  # one decider per config
-            previous, checkpoint = (
-                resume_point(client, experiment, fingerprint) if trainer.resume else (None, None)
-            )
-            if previous is not None and checkpoint is None:
-                return skip(client, previous, fingerprint, run_name)
-            # Data and model come first: a missing dataset must not leave a half-made run.
-            data, state = build(cfg, trainer)
-            if checkpoint is not None:
-                restore(load_checkpoint(checkpoint, previous.info.run_id, fingerprint), state)
-                log.info("resuming after epoch %d", len(state.history))
-            stop.check("while the data was loaded")
-            overrides = list(hydra_cfg.overrides.task)
-            log.info("%s on %s: %s", run_name, trainer.device, redact(" ".join(overrides)))
-            tags = tags_for(choices, cfg.seed, overrides)
-            job_dir = Path(hydra_cfg.runtime.output_dir)
-            tags.update({HASH_TAG: fingerprint, CHECKPOINT_TAG: str(job_dir / "checkpoint.pt")})
-            resume_id = previous.info.run_id if checkpoint is not None else None
-            tracker = Tracker(client, experiment, run_name, config, tags, resume_id)
-            run = stack.enter_context(tracker)
-        train(run, cfg, trainer, data, state, stop)
-    return state.history[-1].val_acc
+    (result,) = train_group([job], trainer)
+    if isinstance(result, GpoolError):
+        raise result
+    return result
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ FILES = {
 }
 
 
+def options(group: str) -> list[str]:
+    """The options of a config group: its YAML files in conf/."""
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file of unsigned bytes, the format of MNIST-family datasets."""
     header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import options
 from hydra.utils import instantiate
 
 import gpool
@@ -15,10 +16,6 @@ from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
 from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def test_defaults_are_the_articles_network_and_optimiser() -> None:

@@ -32,8 +32,9 @@ def train(
     model = engine.prepare(build_model(cfg))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     interval = "step" if scheduler is not None else "epoch"
-    state = engine.start(model, optimizer, data, seed, scheduler, interval)
-    return engine.fit(state, data), model, engine
+    state = engine.start(model, optimizer, data, [("", seed)], scheduler, interval)
+    engine.fit(state, data)
+    return state.members[0].history, model, engine
 
 
 def measured(history: list[EpochResult]) -> list[tuple]:
@@ -86,7 +87,7 @@ def test_epoch_results_and_step_sampling(data: ImageData) -> None:
 
 def test_train_eval_pass_reports_a_full_pass_with_final_weights(data: ImageData) -> None:
     history, model, engine = train(data, 0, train_eval_pass=True)
-    assert (history[-1].train_loss, history[-1].train_acc) == engine.evaluate(
+    assert [(history[-1].train_loss, history[-1].train_acc)] == engine.evaluate(
         model, data, data.train
     )
 
