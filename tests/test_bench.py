@@ -25,6 +25,8 @@ def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path:
             "0.0",
             "--device",
             "cpu",
+            "--fused",
+            "3",
             GENERATED,
         ],
         cwd=tmp_path,
@@ -36,13 +38,17 @@ def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("machine: ") and "torch " in lines[0] and "device cpu" in lines[0]
-    assert sum(line.startswith("round ") for line in lines) == 4  # A, B, A, B
-    rows = [line for line in lines if line.startswith(("| reference |", "| gpool |"))]
-    assert len(rows) == 2
-    for row in rows:
-        seconds, rate, peak = (float(c.replace(",", "")) for c in row.strip("|").split("|")[1:])
-        assert seconds > 0 and rate > 0 and peak >= 0
+    assert sum(line.startswith("round ") for line in lines) == 8  # 4 sides, 2 rounds
+    names = ["reference, published", "reference, tidied", "gpool", "gpool fused x3"]
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert set(names) <= set(rows)
+    for name in names:
+        cells = [c.strip() for c in rows[name].strip("|").split("|")[1:]]
+        seconds, rate, peak = (float(c.replace(",", "")) for c in cells[:3])
+        assert seconds > 0 and rate > 0 and peak >= 0 and cells[3].endswith("x")
+    assert rows["gpool"].endswith("| 1.00x |")
+    assert any(line.startswith("fused x3: ") and "the throughput" in line for line in lines)
     assert any("time to GAP val acc >= 0.0 (experiment=quick): epoch 1" in line for line in lines)
     assert any(line.startswith("end to end:") and "MLflow calls" in line for line in lines)
-    assert lines[-1].startswith("speed-up reference/gpool per epoch: ")
+    assert lines[-1].startswith("speed-up reference (as published)/gpool per epoch: ")
     assert float(lines[-1].split(": ")[1].rstrip("x")) > 0

@@ -1,0 +1,137 @@
+"""`hydra/launcher=fused` (conf/hydra/launcher/fused.yaml): a sweep's jobs that differ only
+in their seeds and heads train in one process as one stacked model
+(gpool.model.StackedModel), each still its own Hydra job with its own output folder,
+checkpoint and MLflow run.
+
+Jobs are grouped by their overrides other than the `fuse` keys. A group trains as one
+model when its optimiser updates elementwise with one step count (Adam, AdamW, SGD), so
+that one optimiser over the stacked parameters equals one per run; otherwise its jobs run
+one after another, and the log says why.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+from gpool import GpoolError
+from gpool.config import build as build_object
+from gpool.config import check_values
+from gpool.tracking import override_key
+from gpool.train import Job, train_group
+
+log = logging.getLogger(__name__)
+
+#: Optimisers whose update is elementwise with one shared step count.
+ELEMENTWISE = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD")
+
+
+def fusable(key: str) -> bool:
+    """Keys that may differ inside a group: the seed and the head. Anything else (an lr, an
+    optimiser, the data) would couple members or change their shapes."""
+    return key in ("seed", "pool") or key.startswith("pool.")
+
+
+class FusedLauncher(Launcher):
+    """A Hydra launcher: compose every job, group them, train each group, and return one
+    JobReturn per job, as Hydra's own launchers do."""
+
+    def __init__(self, fuse: Sequence[str] = ("seed", "pool")) -> None:
+        if refused := [key for key in fuse if not fusable(key)]:
+            raise GpoolError(
+                f"hydra.launcher.fuse: {', '.join(refused)} cannot differ inside a fused group "
+                "(only seed, pool and pool.* can); jobs that differ in them run in separate groups"
+            )
+        self.fuse = list(fuse)
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def fused(self, key: str) -> bool:
+        """Whether an override of `key` may differ inside a group."""
+        return any(key == f or key.startswith(f"{f}.") for f in self.fuse)
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        if config.hydra.sweeper.get("max_batch_size"):
+            raise GpoolError(
+                "hydra.sweeper.max_batch_size hands the launcher the sweep in batches, which "
+                "would split fused groups; leave it null with hydra/launcher=fused"
+            )
+        self.config = config
+        self.hydra_context = hydra_context
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        prepared = [
+            self.prepare(initial_job_idx + i, list(overrides))
+            for i, overrides in enumerate(job_overrides)
+        ]
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        ready = [i for i, r in enumerate(prepared) if r.status == JobStatus.COMPLETED]
+
+        def rest(i: int) -> list[str]:  # what must be equal inside a group
+            return sorted(o for o in job_overrides[i] if not self.fused(override_key(o)))
+
+        for _, group in itertools.groupby(sorted(ready, key=rest), key=rest):
+            indices = list(group)
+            outcomes = self.train([prepared[i].return_value for i in indices])
+            for i, outcome in zip(indices, outcomes, strict=True):
+                failed = isinstance(outcome, Exception)
+                prepared[i].status = JobStatus.FAILED if failed else JobStatus.COMPLETED
+                prepared[i].return_value = outcome
+        return prepared
+
+    def prepare(self, idx: int, overrides: list[str]) -> JobReturn:
+        """Compose job `idx` and make its output folder (Hydra's `.hydra/` files in it);
+        its JobReturn carries the Job, or why it cannot run."""
+        assert self.config is not None and self.hydra_context is not None
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+
+        def compose(cfg: DictConfig) -> Job:
+            check_values(cfg)
+            return Job(cfg, HydraConfig.get())
+
+        return run_job(
+            hydra_context=self.hydra_context,
+            task_function=compose,
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+
+    def train(self, jobs: list[Job]) -> list[float | Exception]:
+        """Train one group: as one model when it can be, else job by job."""
+        cfg = jobs[0].cfg
+        try:
+            trainer = build_object(cfg.trainer)
+            if len(jobs) == 1 or cfg.optimizer._target_ in ELEMENTWISE:
+                log.info(
+                    "training %d jobs as one model: %s",
+                    len(jobs),
+                    ", ".join(j.run_name for j in jobs),
+                )
+                return train_group(jobs, trainer)
+            log.info(
+                "optimizer %s does not update elementwise: its %d jobs train one by one",
+                cfg.optimizer._target_,
+                len(jobs),
+            )
+            return [outcome for job in jobs for outcome in train_group([job], trainer)]
+        except Exception as error:  # the whole group failed (bad data, a bug): each job says so
+            return [error] * len(jobs)

@@ -1,0 +1,151 @@
+"""hydra/launcher=fused: a sweep's seeds and heads trained as one stacked model, each job
+still its own Hydra job and MLflow run, indistinguishable in the store from a basic sweep."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import history, job_runs, options, run_gpool, start_gpool, store, sweep_runs
+
+from gpool.config import compose_config
+from gpool.engine import seed_everything
+from gpool.model import StackedModel, build_model
+
+FUSED = "hydra/launcher=fused"
+#: 8 steps an epoch on the generated data: 24 steps, "a few dozen".
+STEPS = ("trainer.epochs=3", "trainer.eval_batch_size=128")
+HEADS_X_SEEDS = ("pool=avg,max", "seed=0,1")
+
+
+def by_name(tmp: Path) -> dict[str, object]:
+    return {r.info.run_name: r for r in job_runs(tmp)}
+
+
+@pytest.mark.parametrize("pool", options("pool"))
+def test_one_step_of_a_stack_has_each_runs_own_gradients(pool: str) -> None:
+    """In float64, so that float32 rounding cannot hide a wrong grouping."""
+    cfg = compose_config(f"pool={pool}")
+    networks = []
+    for seed in (0, 1, 2):
+        seed_everything(seed)
+        networks.append(build_model(cfg).double())
+    stacked = StackedModel(networks)
+    x = torch.randn(3 * 8, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (3 * 8,))
+    F.cross_entropy(stacked(x), y, reduction="none").view(3, 8).mean(1).sum().backward()
+    (stack,) = stacked.stacks  # one architecture: one stack
+    for j, network in enumerate(networks):
+        F.cross_entropy(network(x[8 * j : 8 * (j + 1)]), y[8 * j : 8 * (j + 1)]).backward()
+        scale = max(p.grad.abs().max() for p in network.parameters())  # this run's gradient
+        for name, weight in zip(stack.names, stack.weights, strict=True):
+            own = dict(network.named_parameters())[name].grad
+            assert (weight.grad[j] - own).abs().max() / scale < 1e-9, (pool, name)
+
+
+def test_a_fused_sweep_trains_what_separate_runs_train(tmp_path: Path, idx_root: Path) -> None:
+    fused, basic = tmp_path / "fused", tmp_path / "basic"
+    fused.mkdir(), basic.mkdir()
+    assert run_gpool(fused, idx_root, FUSED, *HEADS_X_SEEDS, *STEPS, multirun=True).returncode == 0
+    assert run_gpool(basic, idx_root, *HEADS_X_SEEDS, *STEPS, multirun=True).returncode == 0
+    together, alone = by_name(fused), by_name(basic)
+    assert sorted(together) == sorted(alone) and len(together) == 4
+    for name, run in together.items():
+        for key in ("train_loss", "val_loss"):
+            got, expected = (
+                history(fused, run.info.run_id, key),
+                history(basic, alone[name].info.run_id, key),
+            )
+            assert [s for s, _ in got] == [1, 2, 3]
+            assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-3), (
+                name,
+                key,
+            )
+        got = history(fused, run.info.run_id, "val_acc")
+        expected = history(basic, alone[name].info.run_id, "val_acc")
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], abs=0.02), name
+
+
+def test_a_fused_sweep_looks_like_a_basic_one_in_mlflow(tmp_path: Path, idx_root: Path) -> None:
+    fused, basic = tmp_path / "fused", tmp_path / "basic"
+    fused.mkdir(), basic.mkdir()
+    short = ("trainer.epochs=1", "trainer.limit_train_batches=2")
+    proc = run_gpool(fused, idx_root, FUSED, *HEADS_X_SEEDS, *short, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "training 4 jobs as one model" in proc.stdout
+    assert run_gpool(basic, idx_root, *HEADS_X_SEEDS, *short, multirun=True).returncode == 0
+    (parent,) = sweep_runs(fused)
+    assert parent.info.status == "FINISHED"
+    folders = sorted(p.name for p in (fused / "multirun").iterdir() if p.is_dir())
+    assert folders == ["0", "1", "2", "3"]
+    together, alone = by_name(fused), by_name(basic)
+    for name, run in together.items():
+        other = alone[name]
+        assert (
+            run.info.status == "FINISHED"
+            and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        )
+        assert set(run.data.params) == set(other.data.params)
+        assert set(run.data.metrics) == set(other.data.metrics)
+        assert set(run.data.tags) == set(other.data.tags) | {
+            "gpool.fused_group",
+            "gpool.fused_size",
+        }
+        assert run.data.tags["gpool.fused_size"] == "4"
+        files = {a.path for a in store(fused).list_artifacts(run.info.run_id)}
+        assert files == {a.path for a in store(basic).list_artifacts(other.info.run_id)}
+        assert (Path(run.data.tags["gpool.checkpoint"])).is_file()
+    assert len({r.data.tags["gpool.fused_group"] for r in together.values()}) == 1
+
+
+def test_a_killed_fused_sweep_resumes_every_member_exactly(tmp_path: Path, big_root: Path) -> None:
+    args = (FUSED, "pool=avg,max", "trainer.epochs=4", "trainer.log_every_n_steps=10")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert run_gpool(reference, big_root, *args, multirun=True).returncode == 0
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    until = [killed / "multirun" / str(n) / "checkpoint.pt" for n in (0, 1)]
+    sweep_dir = f"hydra.sweep.dir={killed}/multirun"
+    proc = start_gpool(killed, big_root, sweep_dir, *args, until=until, multirun=True)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert {r.info.status for r in job_runs(killed)} == {"KILLED"}
+    proc = run_gpool(killed, big_root, *args, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch" in proc.stdout
+    done, expected = by_name(killed), by_name(reference)
+    assert {r.info.status for r in done.values()} == {"FINISHED"} and len(done) == 2
+    for name, run in done.items():
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert history(killed, run.info.run_id, key) == history(
+                reference, expected[name].info.run_id, key
+            ), (name, key)
+
+
+def test_a_nan_member_fails_alone_and_a_finished_one_is_skipped(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    short = ("trainer.epochs=2", "trainer.limit_train_batches=3")
+    assert run_gpool(tmp_path, idx_root, "pool=gem", "pool.p=2.0", *short).returncode == 0
+    p = "pool.p=2.0,3.0,nan"  # the last member's head computes NaN: so does its loss
+    proc = run_gpool(tmp_path, idx_root, FUSED, "pool=gem", p, *short, multirun=True)
+    assert proc.returncode != 0  # a job failed, and Hydra says so
+    assert "skipping pool=gem seed=0" in proc.stdout
+    assert "training 3 jobs as one model" in proc.stdout
+    runs = {r.data.params["pool.p"]: r for r in job_runs(tmp_path)}
+    assert runs["nan"].info.status == "FAILED"
+    assert "NonFiniteLossError" in runs["nan"].data.tags["failure"]
+    assert runs["2.0"].info.status == "FINISHED" and runs["3.0"].info.status == "FINISHED"
+    assert len(job_runs(tmp_path)) == 3  # the finished member was not trained again
+
+
+def test_a_sweep_handed_over_in_batches_is_refused(tmp_path: Path, idx_root: Path) -> None:
+    proc = run_gpool(
+        tmp_path, idx_root, FUSED, "hydra.sweeper.max_batch_size=2", *HEADS_X_SEEDS, multirun=True
+    )
+    assert proc.returncode != 0 and "leave it null with hydra/launcher=fused" in proc.stderr
+    assert "Traceback" not in proc.stderr and job_runs(tmp_path) == []
