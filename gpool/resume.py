@@ -338,7 +338,7 @@ def claim(*what: str) -> Iterator[None]:
     run RUNNING), nor both create a fresh sqlite store.
     """
     key = hashlib.sha256("\n".join(what).encode()).hexdigest()
-    folder = Path(tempfile.gettempdir()) / "gpool-claims"
+    folder = Path(tempfile.gettempdir()) / f"gpool-claims-{os.getuid()}"  # users share /tmp
     folder.mkdir(exist_ok=True)
     with (folder / f"{key[:32]}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
