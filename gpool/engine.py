@@ -99,12 +99,18 @@ class TrainPass:
     seen: int  # images per member
     samples: list[tuple[int, Tensor]]  # (global step, [members] losses)
 
-    def read(self, n: int) -> tuple[float, float]:
-        """Member n's mean loss and accuracy."""
-        return self.loss_sum[n].item() / self.seen, self.correct[n].item() / self.seen
+    def read(self) -> list[tuple[float, float]]:
+        """Each member's mean loss and accuracy (one host sync for all)."""
+        pairs = zip(self.loss_sum.tolist(), self.correct.tolist(), strict=True)
+        return [(loss / self.seen, correct / self.seen) for loss, correct in pairs]
 
-    def step_losses(self, n: int) -> list[tuple[int, float]]:
-        return [(step, losses[n].item()) for step, losses in self.samples]
+    def step_losses(self) -> list[list[tuple[int, float]]]:
+        """Each member's sampled (global step, loss) pairs (one host sync for all)."""
+        if not self.samples:
+            return [[] for _ in range(self.loss_sum.shape[0])]
+        steps = [step for step, _ in self.samples]
+        rows = torch.stack([losses for _, losses in self.samples], 1).tolist()
+        return [list(zip(steps, row, strict=True)) for row in rows]
 
 
 def seed_everything(seed: int) -> None:
@@ -243,21 +249,21 @@ class Trainer:
             trained = self._train_pass(model, state, data, epoch, stop)
             if state.scheduler is not None and state.scheduler_interval == "epoch":
                 state.scheduler.step()
-            steps = self.steps_per_epoch(data)
-            train = [trained.read(n) for n in range(len(state.members))]  # from the pass itself
-            members = len(state.members)
+            members, passed = len(state.members), trained.read()
+            train = passed  # from the training pass itself, unless the article's extra pass
             if self.train_eval_pass:
-                train = self.evaluate(model, data, data.train, steps, members)
+                train = self.evaluate(model, data, data.train, self.steps_per_epoch(data), members)
             val = self.evaluate(model, data, data.val, self.limit_val_batches, members)
             seconds = time.perf_counter() - start
+            step_losses = trained.step_losses()
             for n, member in enumerate(state.members):
                 if member.failure is not None:
                     continue
-                result = EpochResult(epoch, *train[n], *val[n], lr, seconds, trained.step_losses(n))
+                result = EpochResult(epoch, *train[n], *val[n], lr, seconds, step_losses[n])
                 member.history.append(result)
-                if not math.isfinite(trained.read(n)[0]):
+                if not math.isfinite(passed[n][0]):
                     member.failure = NonFiniteLossError(
-                        f"training loss became {trained.read(n)[0]} in epoch {epoch}: lower "
+                        f"training loss became {passed[n][0]} in epoch {epoch}: lower "
                         "optimizer.lr or check the data"
                     )
                     if on_failure is None:
