@@ -6,8 +6,10 @@ that machine noise hits all. The article's loop comes twice: as published (a tor
 dataset with `ToTensor` through a DataLoader, `loss.item()` every batch, an extra full pass
 for training accuracy counted with Python's builtin `sum(predictions == labels).item()`,
 then validation twice, once for the loss and once for the accuracy) and tidied (tensor
-`.sum()`, one validation pass). Then gpool's Trainer, and with `--fused N` N runs trained
-as one stacked model. The last line printed is the ratio published reference / gpool.
+`.sum()`, one validation pass). Then gpool's Trainer (on a GPU with and without its CUDA
+graph), and with `--fused N` N runs trained as one stacked model; `--compile MODE` adds
+torch.compile's two first epochs. The last line printed is the ratio published reference /
+gpool.
 """
 
 from __future__ import annotations
@@ -156,15 +158,28 @@ def reference_epoch(
     )
 
 
-def engine_epoch(cfg: DictConfig, data: ImageData, trainer: Trainer, runs: int = 1) -> Measurement:
-    """One epoch of gpool's engine: one run, or `runs` seeds fused into one stacked model."""
+def engine_epoch(
+    cfg: DictConfig, data: ImageData, trainer: Trainer, runs: int = 1, name: str = "gpool"
+) -> Measurement:
+    """One epoch of gpool's engine: one run, or `runs` seeds fused into one stacked model.
+    A CUDA graph is captured before the epoch's clock starts (once per run, < 1 s)."""
     state = start(trainer, data, [cfg_with_seed(cfg, seed) for seed in range(runs)])
     with peak_memory(trainer.device) as peak:
         trainer.fit(state, data)
     result = state.members[0].history[0]
     images = min(len(data.train), trainer.steps_per_epoch(data) * trainer.batch_size) * runs
-    name = "gpool" if runs == 1 else f"gpool fused x{runs}"
-    return Measurement(name, result.epoch_seconds, images, peak[0])
+    return Measurement(
+        name if runs == 1 else f"{name} fused x{runs}", result.epoch_seconds, images, peak[0]
+    )
+
+
+def compiled_epochs(cfg: DictConfig, data: ImageData, mode: str) -> list[float]:
+    """Two epochs' seconds with torch.compile(mode=...) instead of gpool's own CUDA graph:
+    the first includes compiling."""
+    trainer: Trainer = instantiate(cfg.trainer, epochs=2, compile=mode, cuda_graph="false")
+    state = start(trainer, data, [cfg])
+    trainer.fit(state, data)
+    return [r.epoch_seconds for r in state.members[0].history]
 
 
 def cfg_with_seed(cfg: DictConfig, seed: int) -> DictConfig:
@@ -273,6 +288,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         "--fused", type=int, default=0, help="also time N seeds fused into one model (0: skip)"
     )
     parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="also time two epochs with torch.compile(mode=MODE), e.g. reduce-overhead",
+    )
+    parser.add_argument(
         "--target-acc", type=float, default=0.87, help="val accuracy for the time-to-accuracy run"
     )
     parser.add_argument(
@@ -319,10 +340,20 @@ def main(argv: list[str] | None = None) -> float:
         lambda: reference_epoch(cfg, device, args.steps, published=False),
         lambda: engine_epoch(cfg, data, trainer),
     ]
+    if trainer.device.type == "cuda":  # what the CUDA graph adds: the same engine, eager
+        eager: Trainer = instantiate(cfg.trainer, cuda_graph="false")
+        sides.append(lambda: engine_epoch(cfg, data, eager, name="gpool eager"))
     if args.fused:
         sides.append(lambda: engine_epoch(cfg, data, trainer, args.fused))
     medians = report(take_turns(args.rounds, sides), args.rounds)
     extras(args, medians)
+    if args.compile:
+        first, second = compiled_epochs(cfg, data, args.compile)
+        print(
+            f"\ntorch.compile(mode={args.compile!r}), eager steps: epoch 1 {first:.2f} s "
+            f"(compiling included), epoch 2 {second:.2f} s = "
+            f"{second / medians['gpool']:.2f}x gpool's epoch"
+        )
     ratio = medians["reference, published"] / medians["gpool"]
     print(f"\nspeed-up reference (as published)/gpool per epoch: {ratio:.2f}x")
     return ratio

@@ -2,7 +2,8 @@
 
 Training loss and accuracy are accumulated on the device from the training pass itself and
 read once per epoch, so a GPU never waits on the host mid-epoch; the article's extra full
-pass over the training set is available as `train_eval_pass` for its exact protocol.
+pass over the training set is available as `train_eval_pass` for its exact protocol. On a
+GPU each step is one CUDA graph replay where the run's options allow (gpool.cuda_graph).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gpool import GpoolError
+from gpool.cuda_graph import GraphedSteps, Step, blockers
 from gpool.data import ImageData, Split
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class TrainState:
     scheduler: Any | None
     scheduler_interval: str  # "step" or "epoch"
     members: list[Member]
+    cuda_graph: bool = False  # steps captured and replayed (decided by Trainer.start)
 
 
 @dataclass
@@ -98,6 +102,15 @@ class TrainPass:
     correct: Tensor  # [members]
     seen: int  # images per member
     samples: list[tuple[int, Tensor]]  # (global step, [members] losses)
+
+    @classmethod
+    def zeros(cls, members: int, seen: int, device: torch.device) -> TrainPass:
+        return cls(
+            loss_sum=torch.zeros(members, device=device),
+            correct=torch.zeros(members, dtype=torch.int64, device=device),
+            seen=seen,
+            samples=[],
+        )
 
     def read(self) -> list[tuple[float, float]]:
         """Each member's mean loss and accuracy (one host sync for all)."""
@@ -111,6 +124,55 @@ class TrainPass:
         steps = [step for step, _ in self.samples]
         rows = torch.stack([losses for _, losses in self.samples], 1).tolist()
         return [list(zip(steps, row, strict=True)) for row in rows]
+
+
+class Steps(Protocol):
+    """Runs an epoch's training steps: EagerSteps, or gpool.cuda_graph.GraphedSteps."""
+
+    def begin(self, order: Tensor) -> TrainPass: ...
+
+    def step(self) -> Tensor: ...
+
+    def end(self) -> None: ...
+
+
+class EagerSteps:
+    """Steps launched kernel by kernel, the last batch of an epoch as short as it is."""
+
+    def __init__(
+        self, step: Step, optimizer: torch.optim.Optimizer, trained: TrainPass, batch: int
+    ) -> None:
+        self.run_step, self.optimizer, self.template, self.batch = step, optimizer, trained, batch
+
+    def begin(self, order: Tensor) -> TrainPass:
+        self.order, self.done = order, 0
+        members, device = self.template.loss_sum.shape[0], self.template.loss_sum.device
+        self.trained = TrainPass.zeros(members, self.template.seen, device)
+        return self.trained
+
+    def step(self) -> Tensor:
+        index = self.order[:, self.done * self.batch : (self.done + 1) * self.batch].flatten()
+        self.done += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.run_step(index, None, self.trained)
+
+    def end(self) -> None:
+        """Nothing to put back."""
+
+
+#: torch.compile's modes (trainer.compile also takes true, the default mode, or false).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: str | bool) -> str | None:
+    """trainer.compile as torch.compile's mode, or None for no compilation."""
+    value = str(value).lower()
+    if value in ("false", "true"):
+        return "default" if value == "true" else None
+    if value not in COMPILE_MODES:
+        modes = ", ".join(COMPILE_MODES)
+        raise GpoolError(f"trainer.compile must be false, true or one of {modes}, not {value}")
+    return value
 
 
 def seed_everything(seed: int) -> None:
@@ -159,12 +221,16 @@ class Trainer:
         train_eval_pass: bool = False,
         channels_last: bool = True,
         precision: str = "32",
-        compile: bool = False,
+        compile: str = "false",
+        cuda_graph: str = "auto",
         threads: int | None = None,
         resume: bool = True,
     ) -> None:
         if precision not in ("32", "bf16"):
             raise GpoolError(f"trainer.precision must be '32' or 'bf16', not {precision!r}")
+        cuda_graph = str(cuda_graph).lower()
+        if cuda_graph not in ("auto", "true", "false"):
+            raise GpoolError(f"trainer.cuda_graph must be auto, true or false, not {cuda_graph}")
         if init not in ("default", "xavier"):
             raise GpoolError(f"trainer.init must be 'default' or 'xavier', not {init!r}")
         at_least(1, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size)
@@ -182,15 +248,26 @@ class Trainer:
         self.train_eval_pass = train_eval_pass
         self.channels_last = channels_last
         self.precision = precision
-        self.compile = compile
+        self.compile = compile_mode(compile)
+        self.cuda_graph = cuda_graph
         self.resume = resume
         if threads:
             torch.set_num_threads(threads)
+        if cuda_graph == "true" and self.device.type != "cuda":
+            raise GpoolError(
+                f"trainer.cuda_graph=true needs a CUDA device, not {self.device.type}; "
+                "use trainer.cuda_graph=auto (captured on a GPU, eager elsewhere)"
+            )
 
     def autocast(self) -> torch.autocast:
-        """bf16 autocast for the forward pass when precision is 'bf16'; a no-op otherwise."""
+        """bf16 autocast for the forward pass when precision is 'bf16'; a no-op otherwise.
+        Without the cast cache, which CUDA graph capture does not allow (each weight is
+        used once per pass anyway)."""
         return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+            self.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.precision == "bf16",
+            cache_enabled=False,
         )
 
     def steps_per_epoch(self, data: ImageData) -> int:
@@ -225,7 +302,21 @@ class Trainer:
             extra = {"steps_per_epoch": steps} if scheduler_interval == "step" else {}
             scheduler = scheduler(optimizer, **extra)
         members = [Member(name, torch.Generator().manual_seed(seed)) for name, seed in seeds]
-        return TrainState(model, optimizer, scheduler, scheduler_interval, members)
+        state = TrainState(model, optimizer, scheduler, scheduler_interval, members)
+        state.cuda_graph = self.capture_steps(state)
+        return state
+
+    def capture_steps(self, state: TrainState) -> bool:
+        """Whether the steps are captured as a CUDA graph (trainer.cuda_graph): with
+        `auto` whenever the run's options allow, saying why not on a GPU when they do not."""
+        if self.cuda_graph == "false":
+            return False
+        reasons = "; ".join(blockers(self.device, self.compile, state))
+        if reasons and self.cuda_graph == "true":
+            raise GpoolError(f"trainer.cuda_graph=true, but {reasons}")
+        if reasons and self.device.type == "cuda":
+            log.info("steps run eagerly, not as a CUDA graph: %s", reasons)
+        return not reasons
 
     def fit(
         self,
@@ -242,11 +333,15 @@ class Trainer:
         on_failure is given. Its NaNs stay in its own slices of the stacked weights."""
         # The compiled wrapper shares the model's parameters; callers keep the plain model
         # (its state_dict has no `_orig_mod.` prefix). Compile time lands in epoch 1.
-        model = torch.compile(state.model) if self.compile else state.model
-        for epoch in range(len(state.members[0].history) + 1, self.epochs + 1):
+        model = torch.compile(state.model, mode=self.compile) if self.compile else state.model
+        first = len(state.members[0].history) + 1
+        if first > self.epochs:
+            return
+        steps = self._steps(model, state, data)  # captured here: after any restore
+        for epoch in range(first, self.epochs + 1):
             lr = state.optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
-            trained = self._train_pass(model, state, data, epoch, stop)
+            trained = self._train_pass(model, steps, state, data, epoch, stop)
             if state.scheduler is not None and state.scheduler_interval == "epoch":
                 state.scheduler.step()
             members, passed = len(state.members), trained.read()
@@ -281,46 +376,85 @@ class Trainer:
             if all(member.failure is not None for member in state.members):
                 return
 
+    def _steps(self, model: nn.Module, state: TrainState, data: ImageData) -> Steps:
+        """How this fit runs its steps: captured once and replayed, or eagerly."""
+        members, steps = len(state.members), self.steps_per_epoch(data)
+        step = partial(self._step, model, state.optimizer, data, members)
+        trained = TrainPass.zeros(
+            members, min(len(data.train), steps * self.batch_size), self.device
+        )
+        if not state.cuda_graph:
+            return EagerSteps(step, state.optimizer, trained, self.batch_size)
+        model.train()
+        log.info("capturing the training step as a CUDA graph")
+        return GraphedSteps(step, state, trained, steps, self.batch_size)
+
+    def _step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: ImageData,
+        members: int,
+        index: Tensor,
+        weight: Tensor | None,
+        trained: TrainPass,
+    ) -> Tensor:
+        """Forward, backward and optimiser step on the images `index` ([members x batch]),
+        accumulating loss and hits into `trained`; returns the members' losses. The loss is
+        the sum of the members' mean losses, so each member's gradient is the one its own
+        run would get. `weight` ([1, batch]; a padded fixed-size batch) replaces the mean
+        by a weighted sum in which padding weighs 0."""
+        x, y = data.batch(data.train, index)
+        with self.autocast():
+            logits = model(x)
+            per_image = F.cross_entropy(logits, y, reduction="none").view(members, -1)
+        hits = (logits.argmax(1) == y).view(members, -1)
+        losses = per_image.mean(1) if weight is None else (per_image * weight).sum(1)
+        losses.sum().backward()
+        optimizer.step()
+        losses = losses.detach()
+        if weight is None:
+            trained.loss_sum += losses * hits.shape[1]
+            trained.correct += hits.sum(1)
+        else:
+            real = weight > 0
+            trained.loss_sum += (per_image.detach() * real).sum(1)
+            trained.correct += (hits & real).sum(1)
+        return losses
+
     def _train_pass(
-        self, model: nn.Module, state: TrainState, data: ImageData, epoch: int, stop: Stop | None
+        self,
+        model: nn.Module,
+        steps: Steps,
+        state: TrainState,
+        data: ImageData,
+        epoch: int,
+        stop: Stop | None,
     ) -> TrainPass:
         """One epoch of steps, each member in its generator's order; a per-step scheduler
-        steps too. The loss is the sum of the members' mean losses, so each member's
-        gradient is the one its own run would get."""
+        steps too."""
         model.train()
-        steps = self.steps_per_epoch(data)
-        members, n, size = len(state.members), len(data.train), self.batch_size
+        n, per_epoch = len(data.train), self.steps_per_epoch(data)
         orders = [
             torch.randperm(n, generator=m.generator) if self.shuffle else torch.arange(n)
             for m in state.members
         ]
-        order = torch.stack(orders)[:, : steps * size].to(self.device)
+        order = torch.stack(orders)[:, : per_epoch * self.batch_size].to(self.device)
         step_scheduler = state.scheduler if state.scheduler_interval == "step" else None
-        trained = TrainPass(
-            loss_sum=torch.zeros(members, device=self.device),
-            correct=torch.zeros(members, dtype=torch.int64, device=self.device),
-            seen=order.shape[1],
-            samples=[],
-        )
-        first_step = (epoch - 1) * steps
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=None)
-        for i in bar:
-            if stop is not None:
-                stop.check(f"in epoch {epoch} (the checkpoint after epoch {epoch - 1} stands)")
-            x, y = data.batch(data.train, order[:, i * size : (i + 1) * size].flatten())
-            with self.autocast():
-                logits = model(x)
-                losses = F.cross_entropy(logits, y, reduction="none").view(members, -1).mean(1)
-            state.optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            state.optimizer.step()
-            if step_scheduler is not None:
-                step_scheduler.step()
-            losses = losses.detach()
-            trained.loss_sum += losses * (y.shape[0] // members)
-            trained.correct += (logits.argmax(1) == y).view(members, -1).sum(1)
-            if (first_step + i + 1) % self.log_every_n_steps == 0:
-                trained.samples.append((first_step + i + 1, losses))
+        first_step = (epoch - 1) * per_epoch
+        bar = tqdm(range(per_epoch), desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=None)
+        trained = steps.begin(order)
+        try:
+            for i in bar:
+                if stop is not None:
+                    stop.check(f"in epoch {epoch} (the checkpoint after epoch {epoch - 1} stands)")
+                losses = steps.step()
+                if step_scheduler is not None:
+                    step_scheduler.step()
+                if (first_step + i + 1) % self.log_every_n_steps == 0:
+                    trained.samples.append((first_step + i + 1, losses.clone()))
+        finally:
+            steps.end()
         return trained
 
     def _eval_batches(

@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 HASH_TAG = "gpool.config_hash"
 #: Tag holding the path of the run's latest checkpoint.
 CHECKPOINT_TAG = "gpool.checkpoint"
-#: Config keys (and prefixes) left out of config_hash and of gpool.compare's factors.
-NOT_RESULT_KEYS = ("mlflow", "data_dir", "trainer.threads", "trainer.resume")
+#: Config keys (and prefixes) left out of config_hash and of gpool.compare's factors: where
+#: and how a run executes (a CUDA graph replays the same step), not what it computes.
+NOT_RESULT_KEYS = ("mlflow", "data_dir", "trainer.threads", "trainer.resume", "trainer.cuda_graph")
 #: Set by a sweep's launching process: its pid, so that job processes it started can
 #: notice when it dies (SIGKILL) and stop instead of training on for nobody.
 LAUNCHER_PID_ENV = "GPOOL_LAUNCHER_PID"

@@ -326,6 +326,13 @@ def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: 
             "torch sees no CUDA GPU",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
         ),
+        pytest.param(
+            ("trainer.cuda_graph=true",),
+            "trainer.cuda_graph=true needs a CUDA device, not cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
+        (("trainer.cuda_graph=maybe",), "trainer.cuda_graph must be auto, true or false"),
+        (("trainer.compile=fast",), "trainer.compile must be false, true or one of"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )
