@@ -2,9 +2,11 @@
 
 Reads a sweep's runs through MLflow's query API, groups them by the factors the sweep varied
 (all but the seed), and reports per group the final and best validation accuracy with a 95 %
-confidence interval, Welch's t-test between groups, and a verdict that says "not
-significant" when it is not. The table (Markdown, CSV) and a mean ± std curve figure are
-written to disk and logged on the sweep's parent run.
+confidence interval; between groups a t-test (paired by seed when both groups ran the same
+seeds, else Welch's), its p-value Holm-adjusted over all pairs, and the smallest difference
+the seeds could detect at 80 % power (statsmodels); and a verdict, on the adjusted p-values,
+that says "not significant" when it is not. The table (Markdown, CSV) and a mean ± std curve
+figure are written to disk and logged on the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import GROUPS, compose_config
@@ -33,19 +37,26 @@ from gpool.resume import affects_result
 from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
 
 ALPHA = 0.05
+#: The power at which the detectable difference and the seeds needed are stated.
+POWER = 0.8
 
 
 @dataclass
 class RunCurves:
-    """One run's accuracy per epoch."""
+    """One run's accuracy per epoch (test accuracy only for runs with a holdout)."""
 
     run: Run
     val_acc: list[float]
     train_acc: list[float]
+    test_acc: list[float] = field(default_factory=list)
 
     @property
     def final(self) -> float:
         return self.val_acc[-1]
+
+    @property
+    def final_test(self) -> float:
+        return self.test_acc[-1] if self.test_acc else math.nan
 
     @property
     def best(self) -> float:
@@ -58,11 +69,25 @@ class RunCurves:
 
 @dataclass
 class Group:
+    """Runs that differ only in their seed; judged by their final val acc, or, once tuned
+    on the validation split, by their final test acc."""
+
     name: str
     runs: list[RunCurves]
+    score: str = "final"  # or "final_test"
+
+    @property
+    def split(self) -> str:
+        return "test" if self.score == "final_test" else "val"
 
     def values(self, attr: str) -> np.ndarray:
         return np.array([getattr(r, attr) for r in self.runs])
+
+    def scores(self) -> np.ndarray:
+        return self.values(self.score)
+
+    def seeds(self) -> list[str]:
+        return [r.run.data.params.get("seed", "") for r in self.runs]
 
 
 def mean_std_ci(values: np.ndarray) -> tuple[float, float, float]:
@@ -74,12 +99,83 @@ def mean_std_ci(values: np.ndarray) -> tuple[float, float, float]:
     return float(values.mean()), std, float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
-def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Welch's t statistic and two-sided p-value; NaN when either side has < 2 runs."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    result = stats.ttest_ind(a, b, equal_var=False)
-    return float(result.statistic), float(result.pvalue)
+@dataclass
+class Pair:
+    """Two groups' scores (fractions), aligned by seed when the test is paired."""
+
+    a: np.ndarray
+    b: np.ndarray
+    paired: bool
+
+    @classmethod
+    def of(cls, a: Group, b: Group) -> Pair:
+        """Paired when both groups ran the same seeds, each once: run s of A and run s of B
+        then share their initial weights and their batch order."""
+        seeds_a, seeds_b = a.seeds(), b.seeds()
+        same = sorted(seeds_a) == sorted(seeds_b) and len(set(seeds_a)) == len(seeds_a)
+        if not same or len(seeds_a) < 2:
+            return cls(a.scores(), b.scores(), paired=False)
+        order_a, order_b = np.argsort(seeds_a), np.argsort(seeds_b)
+        return cls(a.scores()[order_a], b.scores()[order_b], paired=True)
+
+    @property
+    def test(self) -> str:
+        return "paired t" if self.paired else "Welch"
+
+    def t_test(self) -> tuple[float, float]:
+        """t statistic and two-sided p-value; NaN when a side has < 2 runs."""
+        if len(self.a) < 2 or len(self.b) < 2:
+            return math.nan, math.nan
+        if self.paired:
+            result = stats.ttest_rel(self.a, self.b)
+        else:
+            result = stats.ttest_ind(self.a, self.b, equal_var=False)
+        return float(result.statistic), float(result.pvalue)
+
+    def spread(self) -> float:
+        """The std the power analysis scales by: of the per-seed differences when paired,
+        else the pooled std of the two groups."""
+        if self.paired:
+            return float(np.std(self.a - self.b, ddof=1))
+        n_a, n_b = len(self.a), len(self.b)
+        pooled = (n_a - 1) * np.var(self.a, ddof=1) + (n_b - 1) * np.var(self.b, ddof=1)
+        return float(math.sqrt(pooled / (n_a + n_b - 2)))
+
+    def detectable(self) -> float:
+        """The smallest difference (points of accuracy) this many seeds detect with POWER at
+        ALPHA, given the observed spread (NaN with < 2 runs a side or no spread)."""
+        if min(len(self.a), len(self.b)) < 2 or not self.spread() > 0:
+            return math.nan
+        if self.paired:
+            effect = TTestPower().solve_power(nobs=len(self.a), alpha=ALPHA, power=POWER)
+        else:
+            effect = TTestIndPower().solve_power(
+                nobs1=len(self.a), ratio=len(self.b) / len(self.a), alpha=ALPHA, power=POWER
+            )
+        return float(effect) * self.spread() * 100
+
+    def seeds_needed(self, points: float) -> float:
+        """Seeds per group to detect a difference of `points` with POWER at ALPHA, given the
+        observed spread (NaN when it cannot be estimated)."""
+        if min(len(self.a), len(self.b)) < 2 or not self.spread() > 0:
+            return math.nan
+        effect = points / 100 / self.spread()
+        if self.paired:
+            n = TTestPower().solve_power(effect_size=effect, alpha=ALPHA, power=POWER)
+        else:
+            n = TTestIndPower().solve_power(effect_size=effect, alpha=ALPHA, power=POWER)
+        return float(math.ceil(n))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values (NaN stays NaN): the family is every tested pair."""
+    tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    adjusted = [math.nan] * len(p_values)
+    if tested:
+        _, corrected, _, _ = multipletests([p_values[i] for i in tested], method="holm")
+        for i, p in zip(tested, corrected, strict=True):
+            adjusted[i] = float(p)
+    return adjusted
 
 
 def factors(runs: Sequence[Run]) -> list[str]:
@@ -115,7 +211,7 @@ def fetch_curves(client: MlflowClient, run: Run) -> RunCurves:
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         return [m.value for m in history]
 
-    return RunCurves(run, series("val_acc"), series("train_acc"))
+    return RunCurves(run, series("val_acc"), series("train_acc"), series("test_acc"))
 
 
 def latest_sweep(client: MlflowClient, experiment_id: str, experiment: str) -> Run:
@@ -175,14 +271,14 @@ def fmt(value: float, digits: int = 2) -> str:
 def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
     rows = []
     for g in groups:
-        final, final_std, ci = mean_std_ci(g.values("final") * 100)
+        final, final_std, ci = mean_std_ci(g.scores() * 100)
         best, best_std, _ = mean_std_ci(g.values("best") * 100)
         rows.append(
             {
                 "group": g.name,
                 "n": len(g.runs),
-                "final_val_acc_mean": final,
-                "final_val_acc_std": final_std,
+                f"final_{g.split}_acc_mean": final,
+                f"final_{g.split}_acc_std": final_std,
                 "ci95_low": final - ci,
                 "ci95_high": final + ci,
                 "best_val_acc_mean": best,
@@ -193,50 +289,90 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
     return rows
 
 
-def pairwise_rows(groups: Sequence[Group]) -> list[dict[str, str | float]]:
+def pairwise_rows(groups: Sequence[Group], detect: float | None = None) -> list[dict]:
+    """Every pair of groups: difference, test, raw and Holm-adjusted p, the detectable
+    difference and, given `detect` points, the seeds a group would need to detect it."""
     rows = []
     for a, b in itertools.combinations(groups, 2):
-        t, p = welch(a.values("final"), b.values("final"))
-        diff = (a.values("final").mean() - b.values("final").mean()) * 100
-        rows.append({"a": a.name, "b": b.name, "diff_points": diff, "t": t, "p": p})
+        pair = Pair.of(a, b)
+        t, p = pair.t_test()
+        row = {
+            "a": a.name,
+            "b": b.name,
+            "diff_points": (pair.a.mean() - pair.b.mean()) * 100,
+            "test": pair.test,
+            "t": t,
+            "p": p,
+            "detectable_points": pair.detectable(),
+        }
+        if detect is not None:
+            row["seeds_needed"] = pair.seeds_needed(detect)
+        rows.append(row)
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        row["p_holm"] = adjusted
     return rows
 
 
 def verdict(groups: Sequence[Group], pairs: Sequence[dict]) -> str:
+    """The leader against the runner-up, judged on the Holm-adjusted p-value."""
     if len(groups) < 2:
         return f"only one group ({groups[0].name}): nothing to compare"
-    ranked = sorted(groups, key=lambda g: g.values("final").mean(), reverse=True)
+    ranked = sorted(groups, key=lambda g: g.scores().mean(), reverse=True)
     top, second = ranked[0], ranked[1]
     pair = next(p for p in pairs if {p["a"], p["b"]} == {top.name, second.name})
     diff = abs(pair["diff_points"])
-    head = f"{top.name} leads {second.name} by {diff:.2f} points of final val acc"
+    head = f"{top.name} leads {second.name} by {diff:.2f} points of final {top.split} acc"
     if math.isnan(pair["p"]):
-        return f"{head}; no test possible (needs >= 2 seeds per group): not significant"
-    if pair["p"] < ALPHA:
-        return f"{head} (Welch p={pair['p']:.3g}): significant at {ALPHA}"
-    return f"{head} (Welch p={pair['p']:.3g}): not significant at {ALPHA}"
+        return (
+            f"{head}; no test possible (needs >= 2 seeds per group, and paired differences "
+            "that vary): not significant"
+        )
+    test = f"{pair['test']} p={pair['p']:.3g}"
+    if len(pairs) > 1:
+        test += f", Holm-adjusted over {len(pairs)} pairs p={pair['p_holm']:.3g}"
+    if pair["p_holm"] < ALPHA:
+        return f"{head} ({test}): significant at {ALPHA}"
+    power = (
+        f"; these seeds detect only differences >= {pair['detectable_points']:.2f} points at "
+        f"{POWER:.0%} power"
+        if not math.isnan(pair["detectable_points"])
+        else ""
+    )
+    return f"{head} ({test}): not significant at {ALPHA}{power}"
 
 
-def markdown(summary: Sequence[dict], pairs: Sequence[dict], line: str) -> str:
+def markdown(summary: Sequence[dict], pairs: Sequence[dict], line: str, split: str) -> str:
     out = [
-        "| group | n | final val acc % (mean ± std) | 95 % CI | best val acc % (mean ± std) "
+        f"| group | n | final {split} acc % (mean ± std) | 95 % CI | best val acc % (mean ± std) "
         "| epoch of best |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary:
         out.append(
-            f"| {r['group']} | {r['n']} | {fmt(r['final_val_acc_mean'])} ± "
-            f"{fmt(r['final_val_acc_std'])} | [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}] | "
+            f"| {r['group']} | {r['n']} | {fmt(r[f'final_{split}_acc_mean'])} ± "
+            f"{fmt(r[f'final_{split}_acc_std'])} | [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}] | "
             f"{fmt(r['best_val_acc_mean'])} ± {fmt(r['best_val_acc_std'])} | "
             f"{r['best_epoch_mean']:.1f} |"
         )
     if pairs:
-        out += ["", "| A | B | A − B (points) | Welch t | p |", "| --- | --- | --- | --- | --- |"]
-        out += [
-            f"| {p['a']} | {p['b']} | {p['diff_points']:+.2f} | {fmt(p['t'])} | {fmt(p['p'], 4)} |"
-            for p in pairs
-        ]
+        out += ["", *pair_table(pairs)]
     return "\n".join(out + ["", f"Verdict: {line}", ""])
+
+
+def pair_table(pairs: Sequence[dict]) -> list[str]:
+    detect = "seeds_needed" in pairs[0]
+    head = (
+        "| A | B | A − B (points) | test | t | p | p (Holm) | detectable at "
+        f"{POWER:.0%} power (points) |" + (" seeds a group for the --detect difference |" * detect)
+    )
+    out = [head, "| --- " * (8 + detect) + "|"]
+    for p in pairs:
+        out.append(
+            f"| {p['a']} | {p['b']} | {p['diff_points']:+.2f} | {p['test']} | {fmt(p['t'])} | "
+            f"{fmt(p['p'], 4)} | {fmt(p['p_holm'], 4)} | {fmt(p['detectable_points'])} |"
+            + (f" {fmt(p['seeds_needed'], 0)} |" if detect else "")
+        )
+    return out
 
 
 def mlflow_defaults() -> tuple[str, str]:
@@ -263,16 +399,58 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, help="folder for the table and figure (default: runs/compare/<id>)"
     )
+    parser.add_argument(
+        "--tune",
+        nargs="+",
+        metavar="KEY",
+        help="per group, pick the value of these swept keys (e.g. optimizer.lr) with the best "
+        "mean val acc, then compare test accuracy at those values (needs dataset.holdout > 0)",
+    )
+    parser.add_argument(
+        "--detect",
+        type=float,
+        metavar="POINTS",
+        help="also state, per pair, the seeds per group needed to detect a difference of "
+        f"POINTS points of accuracy at {POWER:.0%} power",
+    )
     return parser.parse_args(argv)
 
 
-def group_runs(client: MlflowClient, runs: Sequence[Run]) -> tuple[list[str], list[Group]]:
-    """(the factors, one Group per combination of them) with each run's curves."""
-    names = factors(runs)
+def group_by(curves: Sequence[RunCurves], names: Sequence[str]) -> list[Group]:
+    """One Group per combination of the factors `names`."""
     by_group: dict[str, list[RunCurves]] = {}
-    for run in runs:
-        by_group.setdefault(group_name(run, names), []).append(fetch_curves(client, run))
-    return names, [Group(name, members) for name, members in sorted(by_group.items())]
+    for c in curves:
+        by_group.setdefault(group_name(c.run, names), []).append(c)
+    return [Group(name, members) for name, members in sorted(by_group.items())]
+
+
+def tune(
+    curves: Sequence[RunCurves], names: Sequence[str], keys: Sequence[str]
+) -> tuple[list[str], list[Group], list[str]]:
+    """Per group of the factors other than `keys`: the value of `keys` whose runs have the
+    best mean final val acc over seeds, those runs then judged on the test split. Returns
+    (the remaining factors, the tuned groups, a line per group on what was chosen)."""
+    no_holdout = [c.run.info.run_name for c in curves if not c.test_acc]
+    if no_holdout:
+        raise GpoolError(
+            "--tune picks values by validation accuracy, and these runs validated on the test "
+            f"split ({', '.join(no_holdout[:3])}...): tuning on it leaks the test set into the "
+            "answer. Train with a held-out validation split: dataset.holdout=5000"
+        )
+    if unknown := [k for k in keys if k not in names]:
+        raise GpoolError(
+            f"--tune {' '.join(unknown)}: not varied by these runs (they vary: "
+            f"{', '.join(names) or 'nothing but the seed'})"
+        )
+    others = [n for n in names if n not in keys]
+    groups, chosen = [], []
+    for candidates in group_by(curves, others):
+        values = group_by(candidates.runs, keys)
+        best = max(values, key=lambda v: v.scores().mean())
+        groups.append(Group(candidates.name, best.runs, score="final_test"))
+        tried = ", ".join(f"{v.name}: {v.scores().mean() * 100:.2f}" for v in values)
+        chosen.append(f"{candidates.name}: {best.name} (mean final val acc % {tried})")
+    return others, groups, chosen
 
 
 def write_report(out: Path, report: str, summary: Sequence[dict], groups: Sequence[Group]):
@@ -308,10 +486,22 @@ def main(argv: list[str] | None = None) -> str:
     missing = missing_jobs(parent, jobs)
     if not runs:
         raise GpoolError("no FINISHED runs to compare in that selection; " + "; ".join(missing))
-    names, groups = group_runs(client, runs)
-    summary, pairs = summary_rows(groups), pairwise_rows(groups)
+    names, curves = factors(runs), [fetch_curves(client, r) for r in runs]
+    chosen: list[str] = []
+    if args.tune:
+        names, groups, chosen = tune(curves, names, args.tune)
+    else:
+        groups = group_by(curves, names)
+    summary, pairs = summary_rows(groups), pairwise_rows(groups, args.detect)
     line = verdict(groups, pairs)
-    table = markdown(summary, pairs, line)
+    table = markdown(summary, pairs, line, groups[0].split)
+    if chosen:
+        tuned = " ".join(args.tune)
+        table = (
+            f"Tuned {tuned} on the validation split; chosen per group:\n"
+            + "".join(f"- {c}\n" for c in chosen)
+            + f"\nAt those values, on the test split:\n\n{table}"
+        )
     if missing:
         table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
 

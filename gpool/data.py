@@ -45,10 +45,40 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+#: Seeds the choice of held-out images: the same for every run, whatever its `seed`, so
+#: that runs of one sweep are validated on the same images.
+HOLDOUT_SEED = 20261129
+
+
+def holdout_split(split: Split, n: int, num_classes: int) -> tuple[Split, Split]:
+    """(the images left to train on, `n` held-out images), stratified by class: each class
+    keeps its share of the split (largest remainders settle the rounding)."""
+    if not 0 < n < len(split):
+        raise DataError(
+            f"dataset.holdout={n}: hold out between 1 and {len(split) - 1} of the "
+            f"{len(split)} training images, or 0 to validate on the test split"
+        )
+    share = torch.bincount(split.labels, minlength=num_classes).double() * n / len(split)
+    take = share.floor().long()
+    take[torch.argsort(share - take, descending=True, stable=True)[: n - int(take.sum())]] += 1
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    held = torch.cat([order[split.labels[order] == c][: take[c]] for c in range(num_classes)])
+    kept = torch.ones(len(split), dtype=torch.bool)
+    kept[held] = False
+    held = held.sort().values
+    rest = Split(split.images[kept], split.labels[kept])
+    return rest, Split(split.images[held], split.labels[held])
+
 
 @dataclass
 class ImageData:
-    """Train and validation splits plus the affine map that normalises a uint8 batch."""
+    """Train and validation splits plus the affine map that normalises a uint8 batch. With
+    a holdout, validation is held out of the training images and `test` is the dataset's
+    test split; without, validation is the test split (the article's protocol)."""
 
     train: Split
     val: Split
@@ -56,29 +86,36 @@ class ImageData:
     scale: Tensor  # [1, C, 1, 1]: 1 / (255 * std)
     shift: Tensor  # [1, C, 1, 1]: -mean / std
     channels_last: bool = True
+    test: Split | None = None
 
     @classmethod
     def build(
         cls,
         train: Split,
-        val: Split,
+        test: Split,
         classes: list[str],
         mean: Sequence[float],
         std: Sequence[float],
         device: torch.device | str,
         channels_last: bool = True,
+        holdout: int = 0,
     ) -> ImageData:
-        """Move both splits to `device` and fold mean/std into one multiply-add."""
+        """Split off `holdout` training images for validation (0: validate on `test`), move
+        the splits to `device` and fold mean/std into one multiply-add."""
         shape = (1, len(mean), 1, 1)
         std_t = torch.tensor(list(std)).view(shape)
         mean_t = torch.tensor(list(mean)).view(shape)
+        val = test
+        if holdout:
+            train, val = holdout_split(train, holdout, len(classes))
         return cls(
-            train=Split(train.images.to(device), train.labels.to(device)),
-            val=Split(val.images.to(device), val.labels.to(device)),
+            train=train.to(device),
+            val=val.to(device),
             classes=classes,
             scale=(1.0 / (255.0 * std_t)).to(device),
             shift=(-mean_t / std_t).to(device),
             channels_last=channels_last,
+            test=test.to(device) if holdout else None,
         )
 
     def batch(self, split: Split, index: Tensor | slice) -> tuple[Tensor, Tensor]:
@@ -199,8 +236,10 @@ class TorchvisionImages:
         normalize: bool = True,
         offline_copy: Mapping[str, Any] | None = None,
         checksums: Mapping[str, str] | None = None,
+        holdout: int = 0,
     ) -> None:
         self.source = source
+        self.holdout = holdout
         self.root = Path(root).expanduser()
         self.channels = channels
         self.image_size = image_size
@@ -219,8 +258,10 @@ class TorchvisionImages:
     def load(self, device: torch.device | str, channels_last: bool = True) -> ImageData:
         """Read both splits onto `device`."""
         self._prepare_files()
-        train, val = (self._read(train) for train in (True, False))
-        return ImageData.build(train, val, self.classes, self.mean, self.std, device, channels_last)
+        train, test = (self._read(train) for train in (True, False))
+        return ImageData.build(
+            train, test, self.classes, self.mean, self.std, device, channels_last, self.holdout
+        )
 
     def _read(self, train: bool) -> Split:
         try:
@@ -325,7 +366,9 @@ class ImageFolderImages:
         std: Sequence[float],
         normalize: bool = True,
         classes: Sequence[str] | None = None,
+        holdout: int = 0,
     ) -> None:
+        self.holdout = holdout
         self.root = Path(root).expanduser()
         self.channels = channels
         self.image_size = image_size
@@ -348,7 +391,9 @@ class ImageFolderImages:
             )
         if self.classes and self.classes != classes:
             raise DataError(f"dataset.classes {self.classes} differ from the folders {classes}")
-        return ImageData.build(train, val, classes, self.mean, self.std, device, channels_last)
+        return ImageData.build(
+            train, val, classes, self.mean, self.std, device, channels_last, self.holdout
+        )
 
     def _read(self, split: str) -> tuple[Split, list[str]]:
         folder = self.root / split

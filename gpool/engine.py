@@ -53,10 +53,12 @@ class EpochResult:
     lr: float
     epoch_seconds: float
     step_losses: list[tuple[int, float]] = field(default_factory=list)
+    test_loss: float | None = None  # with a holdout only: the test split, never selected on
+    test_acc: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """The per-epoch metrics under the names they are logged with."""
-        return {
+        metrics = {
             "train_loss": self.train_loss,
             "train_acc": self.train_acc,
             "val_loss": self.val_loss,
@@ -64,6 +66,9 @@ class EpochResult:
             "lr": self.lr,
             "epoch_seconds": self.epoch_seconds,
         }
+        if self.test_acc is not None:
+            metrics.update(test_loss=self.test_loss, test_acc=self.test_acc)
+        return metrics
 
 
 @dataclass
@@ -349,12 +354,17 @@ class Trainer:
             if self.train_eval_pass:
                 train = self.evaluate(model, data, data.train, self.steps_per_epoch(data), members)
             val = self.evaluate(model, data, data.val, self.limit_val_batches, members)
+            test = [(None, None)] * members
+            if data.test is not None:
+                test = self.evaluate(model, data, data.test, self.limit_val_batches, members)
             seconds = time.perf_counter() - start
             step_losses = trained.step_losses()
             for n, member in enumerate(state.members):
                 if member.failure is not None:
                     continue
-                result = EpochResult(epoch, *train[n], *val[n], lr, seconds, step_losses[n])
+                result = EpochResult(
+                    epoch, *train[n], *val[n], lr, seconds, step_losses[n], *test[n]
+                )
                 member.history.append(result)
                 if not math.isfinite(passed[n][0]):
                     member.failure = NonFiniteLossError(

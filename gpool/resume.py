@@ -67,10 +67,17 @@ def affects_result(key: str) -> bool:
     return not any(key == p or key.startswith(f"{p}.") for p in NOT_RESULT_KEYS)
 
 
+#: Keys added after runs were made, at the value that does what those runs did: left out of
+#: the hash at that value, so that earlier runs keep theirs (a rerun still skips them).
+NEUTRAL_VALUES = {"dataset.holdout": "0"}
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
     """A fingerprint of what determines a run's result: the resolved config's keys that
-    affect it (see affects_result)."""
-    kept = {k: v for k, v in flatten(config).items() if affects_result(k)}
+    affect it (see affects_result), but for keys at their NEUTRAL_VALUES."""
+    kept = {
+        k: v for k, v in flatten(config).items() if affects_result(k) and NEUTRAL_VALUES.get(k) != v
+    }
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -10,13 +11,23 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import SHORT, gpool_env, make_idx_root, mlflow_server, run_gpool, store
+from conftest import (
+    SHORT,
+    gpool_env,
+    job_runs,
+    make_idx_root,
+    mlflow_server,
+    run_gpool,
+    store,
+)
 from scipy import stats
+from statsmodels.stats.power import TTestPower
 
-from gpool.compare import factors, mean_std_ci, welch
+from gpool.compare import Group, Pair, RunCurves, factors, holm, mean_std_ci
 
 CHROMIUM = shutil.which("chromium")
 
@@ -49,16 +60,55 @@ def compare(sweep: Path, out: Path, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
+def group(name: str, finals: list[float], seeds: list[int]) -> Group:
+    """A group of runs with these final val accs and seeds (only what the statistics read)."""
+    runs = [SimpleNamespace(data=SimpleNamespace(params={"seed": str(s)})) for s in seeds]
+    return Group(name, [RunCurves(r, [v], [v]) for r, v in zip(runs, finals, strict=True)])
+
+
 def test_statistics_match_their_definitions() -> None:
     values = np.array([0.80, 0.82, 0.84])
     mean, std, half = mean_std_ci(values)
     assert mean == pytest.approx(0.82) and std == pytest.approx(0.02)
     assert half == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
-    a, b = np.array([0.80, 0.81, 0.79, 0.80]), np.array([0.85, 0.86, 0.84, 0.87])
-    t, p = welch(a, b)
+    a, b = [0.80, 0.81, 0.79, 0.80], [0.85, 0.86, 0.84, 0.87]
+    welch = Pair.of(group("a", a, [0, 1, 2, 3]), group("b", b, [4, 5, 6, 7]))
+    assert welch.test == "Welch"
+    t, p = welch.t_test()
     assert p < 0.01 and t < 0
     assert p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    assert all(math.isnan(x) for x in welch(a[:1], b))  # one seed: no test
+    one_seed = Pair.of(group("a", a[:1], [0]), group("b", b, [4, 5, 6, 7]))
+    assert all(math.isnan(x) for x in (*one_seed.t_test(), one_seed.detectable()))
+
+
+def test_the_same_seeds_are_compared_pairwise_in_seed_order() -> None:
+    a = group("a", [0.80, 0.90, 0.70], [0, 1, 2])
+    b = group("b", [0.71, 0.79, 0.905], [2, 0, 1])  # seed 0: 0.79, 1: 0.905, 2: 0.71
+    pair = Pair.of(a, b)
+    assert pair.test == "paired t"
+    expected = stats.ttest_rel([0.80, 0.90, 0.70], [0.79, 0.905, 0.71])
+    assert pair.t_test() == pytest.approx((expected.statistic, expected.pvalue))
+
+
+def test_holm_adjustment_matches_its_definition() -> None:
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(2 x 0.03, .), max(1 x 0.04, 0.06)
+    adjusted = holm([0.01, 0.04, 0.03, math.nan])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+
+
+def test_power_matches_cohens_figures() -> None:
+    """Cohen's tables: 64 runs a group detect d = 0.5 at 80 % power (two-sided, 0.05) in
+    a two-sample t-test; 34 pairs detect d = 0.5 in a paired one."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.88, 0.01, 64), rng.normal(0.87, 0.01, 64)
+    two_sample = Pair.of(group("a", list(a), list(range(64))), group("b", list(b), [-1] * 64))
+    assert two_sample.detectable() == pytest.approx(0.5 * two_sample.spread() * 100, rel=0.01)
+    assert two_sample.seeds_needed(0.5 * two_sample.spread() * 100) == 64
+    paired = Pair.of(group("a", list(a), list(range(64))), group("b", list(b), list(range(64))))
+    assert paired.spread() == pytest.approx(np.std(a - b, ddof=1))
+    assert paired.seeds_needed(0.5 * paired.spread() * 100) == 34
+    expected = TTestPower().solve_power(nobs=64, alpha=0.05, power=0.8) * paired.spread() * 100
+    assert paired.detectable() == pytest.approx(expected)
 
 
 def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Path) -> None:
@@ -67,9 +117,12 @@ def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Pa
     out = proc.stdout
     assert "6 finished runs from sweep" in out and "grouped by pool" in out
     assert "| pool=avg | 3 |" in out and "| pool=max | 3 |" in out
-    assert "| pool=avg | pool=max |" in out  # the Welch row
+    # both heads ran seeds 0, 1, 2: a paired test; one pair, so Holm changes nothing
+    row = next(line for line in out.splitlines() if line.startswith("| pool=avg | pool=max |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "paired t" and cells[5] == cells[6]
     verdict = next(line for line in out.splitlines() if line.startswith("Verdict: "))
-    assert "leads" in verdict and "significant at 0.05" in verdict
+    assert "leads" in verdict and "significant" in verdict
     first = (tmp_path / "out" / "comparison.md").read_text().splitlines()[0]
     made_by = f"python -m gpool.compare --tracking-uri sqlite:///{sweep}/mlflow.db --out"
     assert first.startswith("6 finished runs from sweep")
@@ -91,12 +144,47 @@ def test_compare_by_filter_parent_and_experiment(sweep: Path, tmp_path: Path) ->
     assert "3 finished runs from selection" in proc.stdout
     assert "only one group" in proc.stdout
     (parent,) = store(sweep).search_runs(["1"], "tags.`gpool.role` = 'sweep'")
-    proc = compare(sweep, tmp_path / "b", "--parent", parent.info.run_id)
+    proc = compare(sweep, tmp_path / "b", "--parent", parent.info.run_id, "--detect", "1")
     assert proc.returncode == 0 and "| pool=avg | 3 |" in proc.stdout
+    assert "seeds a group for the --detect difference |" in proc.stdout
     proc = compare(sweep, tmp_path / "c", "--experiment", "gpool")
     assert proc.returncode == 0 and "6 finished runs from selection" in proc.stdout
     proc = compare(sweep, tmp_path / "d", "--experiment", "nope")
     assert proc.returncode == 1 and "no MLflow experiment 'nope'" in proc.stderr
+
+
+def test_tune_picks_each_heads_lr_on_validation_and_judges_it_on_test(
+    sweep: Path, tmp_path: Path, idx_root: Path
+) -> None:
+    # experiment=tuned's own sweep, smaller: 2 heads x 2 lrs x 2 seeds on the generated data
+    tuned = ("experiment=tuned", "dataset.holdout=128", "optimizer.lr=1e-3,1e-2", "seed=0,1")
+    proc = run_gpool(tmp_path, idx_root, *tuned, *SHORT, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    runs = job_runs(tmp_path)
+    assert len(runs) == 8 and all("test_acc" in r.data.metrics for r in runs)
+    proc = compare(tmp_path, tmp_path / "out", "--tune", "optimizer.lr")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Tuned optimizer.lr on the validation split; chosen per group:" in out
+    rows = list(csv.DictReader((tmp_path / "out" / "comparison.csv").open()))
+    for pool in ("avg", "max"):
+        mine = [r for r in runs if r.data.tags["pool"] == pool]
+        lrs = {r.data.params["optimizer.lr"] for r in mine}
+
+        def mean(metric: str, lr: str, runs=mine) -> float:
+            values = [r.data.metrics[metric] for r in runs if r.data.params["optimizer.lr"] == lr]
+            return float(np.mean(values))
+
+        best = max(lrs, key=lambda lr: mean("val_acc", lr))
+        assert f"- pool={pool}: optimizer.lr={best} (" in out
+        (row,) = [r for r in rows if r["group"] == f"pool={pool}"]
+        assert float(row["final_test_acc_mean"]) == pytest.approx(mean("test_acc", best) * 100)
+    assert "final test acc" in next(line for line in out.splitlines() if line.startswith("Verdict"))
+    # Tuning on the test split is refused; so is a key the runs do not vary.
+    proc = compare(sweep, tmp_path / "leak", "--tune", "optimizer.lr")
+    assert proc.returncode == 1 and "leaks the test set into the answer" in proc.stderr
+    proc = compare(tmp_path, tmp_path / "no", "--tune", "trainer.epochs")
+    assert proc.returncode == 1 and "--tune trainer.epochs: not varied by these runs" in proc.stderr
 
 
 def test_compare_without_a_sweep_says_what_to_run(tmp_path: Path, idx_root: Path) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import options
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import gpool
 from gpool.config import CONF_DIR, GROUPS
@@ -16,6 +17,7 @@ from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
 from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
+from gpool.resume import config_hash
 
 
 def test_defaults_are_the_articles_network_and_optimiser() -> None:
@@ -46,7 +48,26 @@ def test_groups_have_the_promised_options() -> None:
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
     assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
-    assert options("experiment") == ["article", "quick"]
+    assert options("experiment") == ["article", "quick", "tuned"]
+
+
+def test_the_tuned_preset_holds_out_data_and_sweeps_heads_lrs_and_seeds() -> None:
+    cfg = make_cfg("experiment=tuned", hydra=True)
+    assert cfg.dataset.holdout == 5000
+    assert dict(cfg.hydra.sweeper.params) == {
+        "pool": "avg,max",
+        "optimizer.lr": "3e-4,1e-3,3e-3",
+        "seed": "0,1,2",
+    }
+
+
+def test_a_holdout_of_0_keeps_the_hashes_of_runs_made_before_the_option() -> None:
+    config = OmegaConf.to_container(make_cfg(), resolve=True)
+    assert config["dataset"]["holdout"] == 0
+    before = {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "holdout"}}
+    assert config_hash(config) == config_hash(before)
+    held = {**config, "dataset": {**config["dataset"], "holdout": 5000}}
+    assert config_hash(held) != config_hash(config)
 
 
 @pytest.mark.parametrize("pool", options("pool"))

@@ -76,6 +76,28 @@ def test_loads_idx_files_in_torchvision_layout(idx_root: Path) -> None:
     torch.testing.assert_close(y, data.train.labels[[0, 5, 7]])
 
 
+def test_a_holdout_is_stratified_fixed_and_never_trained_on(idx_root: Path) -> None:
+    whole = fashion(idx_root).load("cpu")
+    torch.manual_seed(1)  # the run's seed does not choose the held-out images
+    data = fashion(idx_root, holdout=100).load("cpu")
+    torch.manual_seed(2)
+    again = fashion(idx_root, holdout=100).load("cpu")
+    assert len(data.val) == 100 and len(data.train) == 412
+    assert torch.equal(data.test.images, whole.val.images) and whole.test is None
+    assert torch.equal(data.val.images, again.val.images)
+
+    def rows(split):
+        return sorted(map(bytes, split.images.flatten(1).numpy()))
+
+    assert sorted(rows(data.train) + rows(data.val)) == rows(whole.train)  # a partition
+    assert not set(rows(data.train)) & set(rows(data.val))
+    counts = torch.bincount(whole.train.labels, minlength=10)
+    held = torch.bincount(data.val.labels, minlength=10)
+    assert ((held - counts * 100 / 512).abs() < 1).all()  # each class its share
+    with pytest.raises(DataError, match="dataset.holdout=512: hold out between 1 and 511"):
+        fashion(idx_root, holdout=512).load("cpu")
+
+
 def test_without_normalisation_inputs_are_totensor_scaled(idx_root: Path) -> None:
     data = fashion(idx_root, normalize=False).load("cpu")
     x, _ = data.batch(data.val, slice(0, 4))
