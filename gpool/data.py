@@ -48,6 +48,12 @@ class Split:
     def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
+    def digest(self) -> str:
+        """A short fingerprint of the images and labels: tells runs' data apart in MLflow."""
+        md5 = hashlib.md5(self.labels.cpu().numpy().tobytes())
+        md5.update(self.images.cpu().numpy().tobytes())
+        return md5.hexdigest()[:12]
+
 
 #: Seeds the choice of held-out images: the same for every run, whatever its `seed`, so
 #: that runs of one sweep are validated on the same images.
@@ -117,6 +123,13 @@ class ImageData:
             channels_last=channels_last,
             test=test.to(device) if holdout else None,
         )
+
+    def splits(self) -> dict[str, tuple[str, int]]:
+        """{MLflow dataset context: (digest, images)} of the splits a run reads."""
+        named = {"training": self.train, "validation": self.val}
+        if self.test is not None:
+            named["testing"] = self.test
+        return {context: (split.digest(), len(split)) for context, split in named.items()}
 
     def batch(self, split: Split, index: Tensor | slice) -> tuple[Tensor, Tensor]:
         """Normalised float images and labels for `index` of `split`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -25,9 +26,19 @@ from urllib.parse import unquote, urlparse
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    Metric,
+    Param,
+    Run,
+    RunStatus,
+    SourceType,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from omegaconf import DictConfig, OmegaConf
 
 from gpool import PROJECT_ROOT, GpoolError
@@ -453,14 +464,36 @@ class Tracker:
         for path in paths:
             self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_datasets(self, name: str, splits: Mapping[str, tuple[str, int]]) -> None:
+        """The run's data as MLflow dataset inputs, one per split: {context: (digest, images)},
+        so that the UI's Dataset column names it and runs on other data can be told apart."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name,
+                    digest,
+                    "local",
+                    json.dumps({"split": context}),
+                    None,
+                    json.dumps({"num_images": images}),
+                ),
+                [InputTag(MLFLOW_DATASET_CONTEXT, context)],
+            )
+            for context, (digest, images) in splits.items()
+        ]
+        self._call(self.client.log_inputs, self.run_id, datasets=inputs)
+
     def log_text(self, text: str, name: str) -> None:
         """A text artifact, with any credentials in it removed."""
         self._call(self.client.log_text, self.run_id, redact(text), name)
 
 
 def tags_for(choices: Mapping[str, str | None], seed: int, overrides: list[str]) -> dict[str, Any]:
-    """Tags the MLflow UI groups by: each config group's choice, the seed, the overrides."""
+    """Tags the MLflow UI groups by: each config group's choice, the seed, the overrides;
+    and the entry point, which the runs table shows as the Source."""
     tags: dict[str, Any] = {group: choice for group, choice in choices.items() if group in GROUPS}
     tags["seed"] = seed
     tags["overrides"] = " ".join(overrides)
+    tags[MLFLOW_SOURCE_NAME] = "gpool.train"
+    tags[MLFLOW_SOURCE_TYPE] = SourceType.to_string(SourceType.LOCAL)
     return tags

@@ -273,9 +273,11 @@ def train_runs(
     """Train the runs to their last epoch, logging and checkpointing each after every
     epoch (into its job's own folder), then log what each learned."""
     metas = [{"mlflow_run_id": r.run_id, "config_hash": r.tags[HASH_TAG]} for r in runs]
+    splits = data.splits()
     for n, (run, job) in enumerate(zip(runs, jobs, strict=True)):
         if state.members[n].history:  # resumed: its own folder holds the state it continues
             save_checkpoint(job.checkpoint, state, n, metas[n])
+        run.log_datasets(job.hydra.runtime.choices.dataset, splits)
         run.log_text(OmegaConf.to_yaml(job.cfg, resolve=True), "config.yaml")
         for path in sorted((job.checkpoint.parent / ".hydra").glob("*.yaml")):
             run.log_text(path.read_text(), f"hydra/{path.name}")

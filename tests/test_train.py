@@ -81,6 +81,32 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: 
     experiment = client.get_experiment_by_name("gpool")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    # What the runs table's Source and Dataset columns show
+    assert run.data.tags["mlflow.source.name"] == "gpool.train"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    inputs = {
+        i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs
+    }
+    assert set(inputs) == {"training", "validation"}
+    assert {d.name for d in inputs.values()} == {"fashion_mnist"}
+    sizes = {c: json.loads(d.profile)["num_images"] for c, d in inputs.items()}
+    assert sizes == {"training": 512, "validation": 256}
+    assert inputs["training"].digest != inputs["validation"].digest
+    # Another dataset, or a holdout of this one, is told apart by its digest.
+    other = tmp_path / "held"
+    other.mkdir()
+    assert run_gpool(other, idx_root, *SHORT, "dataset.holdout=64").returncode == 0
+    (held,) = all_runs(other)
+    held_inputs = {
+        i.tags[0].value: i.dataset
+        for i in MlflowClient(f"sqlite:///{other}/mlflow.db")
+        .get_run(held.info.run_id)
+        .inputs.dataset_inputs
+    }
+    assert set(held_inputs) == {"training", "validation", "testing"}
+    assert held_inputs["testing"].digest == inputs["validation"].digest  # the same test split
+    assert held_inputs["training"].digest != inputs["training"].digest
+    assert "test_acc" in held.data.metrics
 
 
 def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> None:
