@@ -29,7 +29,6 @@ browser:
 
 sweep: setup data
 	$(PY) -m gpool.train -m experiment=quick pool=avg,max seed=0,1,2
-	$(PY) -m gpool.compare
 
 test: setup data browser
 	$(VENV)/bin/ruff check .

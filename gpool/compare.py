@@ -15,17 +15,20 @@ import argparse
 import csv
 import itertools
 import math
+import re
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
@@ -424,7 +427,7 @@ def group_by(curves: Sequence[RunCurves], names: Sequence[str]) -> list[Group]:
     return [Group(name, members) for name, members in sorted(by_group.items())]
 
 
-def tune(
+def tune_groups(
     curves: Sequence[RunCurves], names: Sequence[str], keys: Sequence[str]
 ) -> tuple[list[str], list[Group], list[str]]:
     """Per group of the factors other than `keys`: the value of `keys` whose runs have the
@@ -472,6 +475,103 @@ def write_report(out: Path, report: str, summary: Sequence[dict], groups: Sequen
     return [out / "comparison.md", out / "comparison.csv", figure]
 
 
+@dataclass
+class Comparison:
+    """What `gpool.compare` reports on a selection of runs."""
+
+    header: str  # which runs, grouped by what
+    table: str  # Markdown: the tables, the verdict, what was not compared
+    line: str  # the verdict
+    summary: list[dict]
+    groups: list[Group]
+
+
+def compare_jobs(
+    client: MlflowClient,
+    parent: Run | None,
+    jobs: Sequence[Run],
+    detect: float | None = None,
+    tune: Sequence[str] | None = None,
+) -> Comparison:
+    """Compare the FINISHED runs among `jobs` (of sweep `parent`, if any); the others, and a
+    sweep's jobs without a run, are listed as not compared."""
+    runs = [r for r in jobs if r.info.status == "FINISHED"]
+    missing = missing_jobs(parent, jobs)
+    if not runs:
+        raise GpoolError("no FINISHED runs to compare in that selection; " + "; ".join(missing))
+    names, curves = factors(runs), [fetch_curves(client, r) for r in runs]
+    chosen: list[str] = []
+    if tune:
+        names, groups, chosen = tune_groups(curves, names, tune)
+    else:
+        groups = group_by(curves, names)
+    summary, pairs = summary_rows(groups), pairwise_rows(groups, detect)
+    line = verdict(groups, pairs)
+    table = markdown(summary, pairs, line, groups[0].split)
+    if chosen:
+        table = (
+            f"Tuned {' '.join(tune)} on the validation split; chosen per group:\n"
+            + "".join(f"- {c}\n" for c in chosen)
+            + f"\nAt those values, on the test split:\n\n{table}"
+        )
+    if missing:
+        table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
+    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
+    header = f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}"
+    return Comparison(header, table, line, summary, groups)
+
+
+def metric_key(group: str, statistic: str) -> str:
+    """`pool=avg`, `val_acc_mean` -> `pool.avg.val_acc_mean` (MLflow's metric-key rules)."""
+    return re.sub(r"[^\w.\-/]", "_", f"{group.replace('=', '.').replace(' ', '/')}.{statistic}")
+
+
+def default_out(parent: Run | None) -> Path:
+    return PROJECT_ROOT / "runs" / "compare" / (parent.info.run_id if parent else "selection")
+
+
+def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: list[Path]) -> None:
+    """Put a comparison on the sweep's parent run: the table and verdict as its description
+    (shown on its page), one metric per group and statistic, and the report's files
+    (`paths`: table, CSV, figure) as artifacts."""
+    run_id = parent.info.run_id
+    for path in paths:
+        client.log_artifact(run_id, str(path), "comparison")
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, f"{comparison.header}\n\n{comparison.table}")
+    now = int(time.time() * 1000)
+    metrics = []
+    for row, group in zip(comparison.summary, comparison.groups, strict=True):
+        split = group.split
+        statistics = {
+            f"{split}_acc_mean": row[f"final_{split}_acc_mean"],
+            f"{split}_acc_std": row[f"final_{split}_acc_std"],
+            f"{split}_acc_ci_low": row["ci95_low"],
+            f"{split}_acc_ci_high": row["ci95_high"],
+        }
+        metrics += [
+            Metric(metric_key(group.name, k), v, now, 0)
+            for k, v in statistics.items()
+            if not math.isnan(v)
+        ]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:
+    """comparison.md (headed by how it was made), .csv and .png in `out`."""
+    report = f"{comparison.header}; {made}\n\n{comparison.table}"
+    return write_report(out, report, comparison.summary, comparison.groups)
+
+
+def publish_comparison(client: MlflowClient, run_id: str, out: Path) -> Comparison:
+    """At the end of a sweep: compare its jobs, write the report to `out` and put it on the
+    sweep's parent run."""
+    parent = client.get_run(run_id)
+    comparison = compare_jobs(client, parent, sweep_jobs(client, parent))
+    made = f"made {date.today().isoformat()} as the sweep ended"
+    publish(client, parent, comparison, report_files(out, comparison, made))
+    return comparison
+
+
 def main(argv: list[str] | None = None) -> str:
     args = arguments(argv)
     default_uri, default_experiment = mlflow_defaults()
@@ -482,44 +582,18 @@ def main(argv: list[str] | None = None) -> str:
     parent, jobs = select_runs(
         client, args.experiment or default_experiment, args.parent, filter_string
     )
-    runs = [r for r in jobs if r.info.status == "FINISHED"]
-    missing = missing_jobs(parent, jobs)
-    if not runs:
-        raise GpoolError("no FINISHED runs to compare in that selection; " + "; ".join(missing))
-    names, curves = factors(runs), [fetch_curves(client, r) for r in runs]
-    chosen: list[str] = []
-    if args.tune:
-        names, groups, chosen = tune(curves, names, args.tune)
-    else:
-        groups = group_by(curves, names)
-    summary, pairs = summary_rows(groups), pairwise_rows(groups, args.detect)
-    line = verdict(groups, pairs)
-    table = markdown(summary, pairs, line, groups[0].split)
-    if chosen:
-        tuned = " ".join(args.tune)
-        table = (
-            f"Tuned {tuned} on the validation split; chosen per group:\n"
-            + "".join(f"- {c}\n" for c in chosen)
-            + f"\nAt those values, on the test split:\n\n{table}"
-        )
-    if missing:
-        table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
-
-    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
-    header = f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}"
+    comparison = compare_jobs(client, parent, jobs, args.detect, args.tune)
     command = shlex.join(
         ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]
     )
-    out = args.out or PROJECT_ROOT / "runs" / "compare" / (
-        parent.info.run_id if parent else "selection"
-    )
     # The file carries the command that made it, so a committed table can be regenerated.
-    made = f"{header}; made {date.today().isoformat()} by `{command}`"
-    for path in write_report(out, f"{made}\n\n{table}", summary, groups):
-        if parent is not None:
-            client.log_artifact(parent.info.run_id, str(path), "comparison")
-    print(f"{header}\n\n{table}\nwritten to {out}")
-    return line
+    made = f"made {date.today().isoformat()} by `{command}`"
+    out = args.out or default_out(parent)
+    paths = report_files(out, comparison, made)
+    if parent is not None:
+        publish(client, parent, comparison, paths)
+    print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}")
+    return comparison.line
 
 
 if __name__ == "__main__":

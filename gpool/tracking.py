@@ -6,14 +6,12 @@ depends on process-global MLflow state left by the job before it in a multirun.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,9 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from mlflow.entities import (
     Dataset,
     DatasetInput,
@@ -39,21 +34,12 @@ from mlflow.entities import (
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
-from omegaconf import DictConfig, OmegaConf
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import GROUPS, flatten
 from gpool.engine import EpochResult
 from gpool.resume import (
     HASH_TAG,
-    LAUNCHER_PID_ENV,
-    affects_result,
-    alive_at,
-    claim,
-    config_hash,
-    handle_stop_signals,
-    is_alive,
-    mark_dead_runs_killed,
     process_tags,
 )
 
@@ -153,8 +139,8 @@ def open_store(tracking_uri: str, create: bool) -> MlflowClient:
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment's id, creating it (artifacts beside a sqlite DB) if it is new.
 
-    Created once before any job (SweepTracking): several processes opening a fresh sqlite
-    store at once each run the schema migration and corrupt it.
+    Created once before any job (gpool.sweep.SweepTracking): several processes opening a
+    fresh sqlite store at once each run the schema migration and corrupt it.
     """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -165,158 +151,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
-def check_writable(folder: Path, key: str) -> None:
-    """Fail with one message, before anything is logged, when outputs cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise GpoolError(
-            f"cannot write the output folder {folder} ({err.strerror}); choose another with "
-            f"{key}=..."
-        ) from None
-
-
-def override_key(override: str) -> str:
-    """`+trainer.epochs=3` -> `trainer.epochs`; `hydra/launcher=joblib` -> `hydra/launcher`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def sweep_key(config: DictConfig) -> str:
-    """What makes two multiruns the same sweep: the experiment, the config files they start
-    from and the overrides that can change a result (the last of each key, in any order);
-    not where or how their jobs run (hydra.*, threads, the store)."""
-    effective = {override_key(o): o for o in config.hydra.overrides.task}
-    kept = sorted(
-        o for k, o in effective.items() if not k.startswith("hydra") and affects_result(k)
-    )
-    base = {k: v for k, v in OmegaConf.to_container(config).items() if k != "hydra"}
-    return " ".join([config.mlflow.experiment_name, config_hash(base), *kept])
-
-
-def expected_jobs(config: DictConfig) -> int | None:
-    """The number of jobs the basic sweeper will launch (None for other sweepers, or when
-    the overrides need the config to expand, like glob choices)."""
-    sweeper = config.hydra.sweeper
-    if not sweeper.get("_target_", "").endswith("BasicSweeper"):
-        return None
-    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    try:
-        overrides = OverridesParser.create().parse_overrides(
-            [*params, *config.hydra.overrides.task]
-        )
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
-    except Exception:  # any expansion that needs more than the parser: not counted
-        return None
-
-
-class SweepTracking(Callback):
-    """Hydra callback, run in the launching process, before any job.
-
-    Checks that the output folder is writable and prepares the MLflow store before any job
-    starts (see experiment_id), ends runs whose process is gone as KILLED and, for a
-    multirun, opens the sweep's parent run that every job's run nests under. Running the
-    same sweep again continues its parent run, and every job, skipped ones included,
-    records its run on the parent, so the sweep always holds all its jobs. Jobs learn the
-    parent's id from the environment variable PARENT_RUN_ENV, which processes started by
-    other launchers inherit. The parent ends FINISHED when every job did, KILLED when the
-    sweep was interrupted, FAILED otherwise (also when Hydra stops on a failed job before
-    `on_multirun_end`, through an atexit hook).
-
-    SIGTERM stops the launching process the way Ctrl-C does: launchers that run jobs in
-    worker processes (joblib) then stop their workers, and the parent run is closed,
-    instead of the process dying at once and leaving workers and a RUNNING parent behind.
-    """
-
-    def __init__(self) -> None:
-        # (tracking URI, run id): plain strings, as launchers pickle callbacks to workers.
-        self.parent: tuple[str, str] | None = None
-        self.interrupted = False
-
-    @staticmethod
-    def prepare(config: DictConfig, output_dir: str, key: str) -> tuple[MlflowClient, str]:
-        """Check the outputs and the store, tidy dead runs; stop the whole command on a
-        problem. Hydra turns exceptions raised in callbacks into warnings and carries on,
-        so a problem found here ends the process with its one-line message instead."""
-        try:
-            check_writable(Path(output_dir), key)
-            with claim(store_uri(config.mlflow.tracking_uri), "store"):  # one creator
-                client = open_store(config.mlflow.tracking_uri, create=True)
-                experiment = experiment_id(client, config.mlflow.experiment_name)
-        except (GpoolError, MlflowException) as err:
-            raise SystemExit(f"gpool: {err}") from None
-        mark_dead_runs_killed(client, experiment)
-        return client, experiment
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.prepare(config, config.hydra.run.dir, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        client, experiment = self.prepare(config, config.hydra.sweep.dir, "hydra.sweep.dir")
-        overrides = redact(" ".join(config.hydra.overrides.task))
-        key = sweep_key(config)
-        tags = {
-            ROLE_TAG: "sweep",
-            SWEEP_KEY_TAG: redact(key),
-            "sweep_dir": str(config.hydra.sweep.dir),
-            "overrides": overrides,
-            **process_tags(),
-        }
-        if jobs := expected_jobs(config):
-            tags[EXPECTED_JOBS_TAG] = str(jobs)
-        if commit := git_commit():
-            tags["mlflow.source.git.commit"] = commit
-        if earlier := earlier_sweep(client, experiment, redact(key)):
-            run_id = earlier.info.run_id
-            client.update_run(run_id, status="RUNNING")
-            for name, value in tags.items():
-                client.set_tag(run_id, name, value)
-            log.info("MLflow sweep run %s continued: %s", run_id, overrides)
-        else:
-            name = f"sweep {overrides}".strip()
-            run_id = client.create_run(experiment, run_name=name, tags=tags).info.run_id
-            log.info("MLflow sweep run %s: %s", run_id, overrides)
-        self.parent = (client.tracking_uri, run_id)
-        os.environ[PARENT_RUN_ENV] = run_id
-        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
-        atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
-        handle_stop_signals(self._interrupt)
-
-    def _interrupt(self, signum: int, frame: Any) -> None:
-        self.interrupted = True
-        raise KeyboardInterrupt(f"sweep stopped by {signal.Signals(signum).name}")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.close_parent(completed=True)
-
-    def close_parent(self, completed: bool = False) -> None:
-        """End the parent run: FINISHED when Hydra completed the sweep and every job's run
-        FINISHED; KILLED when a signal stopped the sweep or one of its jobs; FAILED
-        otherwise."""
-        if self.parent is None:
-            return
-        tracking_uri, run_id = self.parent
-        client = MlflowClient(tracking_uri)
-        self.parent = None
-        os.environ.pop(PARENT_RUN_ENV, None)
-        jobs = sweep_jobs(client, client.get_run(run_id))
-        if not completed:  # stopped launchers kill their workers: give up their runs
-            deadline = time.monotonic() + 10
-            for job in jobs:
-                if job.info.status == "RUNNING" and not alive_at(job, deadline):
-                    client.set_terminated(job.info.run_id, "KILLED")
-            jobs = sweep_jobs(client, client.get_run(run_id))
-        statuses = {job.info.status for job in jobs}
-        if completed and statuses <= {"FINISHED"}:
-            status = "FINISHED"
-        elif self.interrupted or "KILLED" in statuses:
-            status = "KILLED"
-        else:
-            status = "FAILED"
-        client.set_terminated(run_id, status)
-
-
 def sweeps(client: MlflowClient, experiment: str) -> list[Run]:
     """The experiment's sweeps (their parent runs), newest first."""
     return client.search_runs(
@@ -325,14 +159,6 @@ def sweeps(client: MlflowClient, experiment: str) -> list[Run]:
         order_by=["attributes.start_time DESC"],
         max_results=1000,
     )
-
-
-def earlier_sweep(client: MlflowClient, experiment: str, key: str) -> Run | None:
-    """The newest parent run of the same sweep, unless it is still running somewhere."""
-    for sweep in sweeps(client, experiment):
-        if sweep.data.tags.get(SWEEP_KEY_TAG) == key:
-            return None if sweep.info.status == "RUNNING" and is_alive(sweep) else sweep
-    return None
 
 
 def register_job(client: MlflowClient, fingerprint: str, run_id: str) -> None:

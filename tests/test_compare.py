@@ -138,6 +138,25 @@ def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Pa
     assert factors(children) == ["pool"]
 
 
+def test_the_sweeps_run_states_the_verdict_when_the_sweep_ends(sweep: Path) -> None:
+    """Without `gpool.compare`: the parent run's description, metrics and artifacts."""
+    client = store(sweep)
+    (parent,) = client.search_runs(["1"], "tags.`gpool.role` = 'sweep'")
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("6 finished runs from sweep") and "\nVerdict: pool=" in note
+    assert "| pool=avg | 3 |" in note and "| pool=max | 3 |" in note
+    folder = Path(parent.data.tags["sweep_dir"]) / "comparison"
+    rows = {r["group"]: r for r in csv.DictReader((folder / "comparison.csv").open())}
+    for pool in ("avg", "max"):
+        row = rows[f"pool={pool}"]
+        for statistic, column in (("mean", "final_val_acc_mean"), ("ci_low", "ci95_low")):
+            metric = parent.data.metrics[f"pool.{pool}.val_acc_{statistic}"]
+            assert metric == pytest.approx(float(row[column]))
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {f"comparison/comparison.{ext}" for ext in ("md", "csv", "png")} <= logged
+    assert "as the sweep ended" in (folder / "comparison.md").read_text().splitlines()[0]
+
+
 def test_compare_by_filter_parent_and_experiment(sweep: Path, tmp_path: Path) -> None:
     proc = compare(sweep, tmp_path / "a", "--filter", "tags.pool = 'max'")
     assert proc.returncode == 0, proc.stderr

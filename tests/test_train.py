@@ -125,8 +125,8 @@ def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> 
     assert parent.data.tags["gpool.role"] == "sweep"
     assert parent.data.tags["sweep_dir"] == str(tmp_path / "multirun")
     assert "pool=avg,max seed=0,1" in parent.info.run_name
-    jobs = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
-    assert jobs == ["0", "1", "2", "3"]
+    folders = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert folders == ["0", "1", "2", "3", "comparison"]  # the jobs', and the sweep's verdict
     assert runs[0].data.metrics["val_loss"] != runs[2].data.metrics["val_loss"]  # heads differ
 
 
@@ -168,6 +168,10 @@ def test_nan_loss_fails_its_run_and_the_sweep_goes_on(tmp_path: Path, idx_root: 
     )
     assert "NonFiniteLossError" in failed.data.tags["failure"]
     assert finished.info.status == "FINISHED"
+    # The sweep's run states what its finished job allows, and which job is missing.
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("1 finished runs from sweep") and "\nNot compared:\n" in note
+    assert f"- {failed.info.run_name}: FAILED: NonFiniteLossError" in note
 
 
 def test_output_dirs_live_under_the_projects_runs_and_do_not_collide() -> None:
