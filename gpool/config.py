@@ -85,6 +85,11 @@ def check_values(cfg: DictConfig) -> None:
         raise GpoolError(f"optimizer.lr must be a number > 0, not {lr!r}")
 
 
+def override_key(override: str) -> str:
+    """`+trainer.epochs=3` -> `trainer.epochs`; `hydra/launcher=joblib` -> `hydra/launcher`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"dotted.key": "value"}: MLflow's params and the config hash."""
     flat: dict[str, str] = {}

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpool import GpoolError
 from gpool.compare import publish_comparison
+from gpool.config import override_key
 from gpool.resume import (
     LAUNCHER_PID_ENV,
     affects_result,
@@ -62,11 +63,6 @@ def check_writable(folder: Path, key: str) -> None:
             f"cannot write the output folder {folder} ({err.strerror}); choose another with "
             f"{key}=..."
         ) from None
-
-
-def override_key(override: str) -> str:
-    """`+trainer.epochs=3` -> `trainer.epochs`; `hydra/launcher=joblib` -> `hydra/launcher`."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def sweep_key(config: DictConfig) -> str:

@@ -24,8 +24,7 @@ from omegaconf import DictConfig, open_dict
 
 from gpool import GpoolError
 from gpool.config import build as build_object
-from gpool.config import check_values
-from gpool.tracking import override_key
+from gpool.config import check_values, override_key
 from gpool.train import Job, train_group
 
 log = logging.getLogger(__name__)
