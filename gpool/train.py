@@ -122,11 +122,11 @@ class Resumed:
 def log_diagnostics(
     run: Tracker, trainer: Trainer, model: nn.Module, member: Member, data: ImageData, job: Job
 ) -> None:
-    """What every run keeps besides metrics: weights, curves, the class maps that enter the
-    pool for one fixed validation image per class, and the validation confusion matrix."""
+    """What every run keeps besides metrics: weights (a state_dict and an MLflow model),
+    curves, the class maps that enter the pool for one fixed validation image per class,
+    and the validation confusion matrix."""
     job_dir = job.checkpoint.parent
     torch.save(model.state_dict(), job_dir / "model.pt")
-    images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
     matrix = confusion_matrix(
         trainer.predict(model, data, data.val), data.val.labels, len(data.classes)
     )
@@ -136,21 +136,34 @@ def log_diagnostics(
         "per_class_accuracy": dict(zip(data.classes, per_class_accuracy(matrix), strict=True)),
     }
     run.log_text(json.dumps(report, indent=1), "confusion_matrix.json")
+    example, _ = data.batch(data.val, torch.arange(min(4, len(data.val)), device=trainer.device))
+    run.log_model(model, example.contiguous(), len(member.history))
     run.log_artifacts(
         [
             job_dir / "model.pt",
             plot_curves(member.history, job_dir / "curves.png", run.run_name),
-            plot_class_maps(
-                images,
-                maps,
-                labels.tolist(),
-                predicted.tolist(),
-                data.classes,
-                job_dir / "class_maps.png",
-            ),
+            plot_maps(model, data, job),
             plot_confusion(matrix, data.classes, job_dir / "confusion_matrix.png"),
         ]
     )
+
+
+def plot_maps(model: nn.Module, data: ImageData, job: Job) -> Path:
+    """class_maps.png in the job's folder: the maps that enter the pool for one fixed
+    validation image per class, with true and predicted classes."""
+    images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
+    path = job.checkpoint.parent / "class_maps.png"
+    return plot_class_maps(images, maps, labels.tolist(), predicted.tolist(), data.classes, path)
+
+
+def member_network(state: TrainState, n: int, cfg: DictConfig, trainer: Trainer) -> nn.Module:
+    """Member n's network as its own run would hold it (a copy, when stacked)."""
+    if not isinstance(state.model, StackedModel):
+        return state.model
+    with torch.random.fork_rng(devices=[]):  # drawing initial weights leaves the RNG as it was
+        model = trainer.prepare(build_model(cfg))
+    model.load_state_dict(member_parts(state, n)["model"])
+    return model
 
 
 def network(cfg: DictConfig, trainer: Trainer) -> nn.Module:
@@ -285,6 +298,10 @@ def train_runs(
     def after_epoch(n: int, result: EpochResult) -> None:
         runs[n].log_epoch(result)
         save_checkpoint(jobs[n].checkpoint, state, n, metas[n])
+        every = jobs[n].cfg.mlflow.class_maps_every_n_epochs
+        if every and result.epoch % every == 0:  # the UI's image slider shows them forming
+            model = member_network(state, n, jobs[n].cfg, trainer)
+            runs[n].log_image(plot_maps(model, data, jobs[n]), "class_maps", result.epoch)
 
     trainer.fit(state, data, on_epoch=after_epoch, on_failure=fail, stop=stop)
     for n, member in enumerate(state.members):
@@ -292,10 +309,7 @@ def train_runs(
             continue
         stop.check("before the final artifacts were logged")
         log.info("logging the final artifacts of %s", runs[n].run_name)
-        model = state.model
-        if isinstance(model, StackedModel):
-            model = network(jobs[n].cfg, trainer)
-            model.load_state_dict(member_parts(state, n)["model"])
+        model = member_network(state, n, jobs[n].cfg, trainer)
         log_diagnostics(runs[n], trainer, model, member, data, jobs[n])
         stop.check("while the final artifacts were logged")
 

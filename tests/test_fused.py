@@ -80,7 +80,7 @@ def test_a_fused_sweep_looks_like_a_basic_one_in_mlflow(tmp_path: Path, idx_root
     (parent,) = sweep_runs(fused)
     assert parent.info.status == "FINISHED"
     folders = sorted(p.name for p in (fused / "multirun").iterdir() if p.is_dir())
-    assert folders == ["0", "1", "2", "3"]
+    assert folders == ["0", "1", "2", "3", "comparison"]  # a folder per job, and the verdict
     together, alone = by_name(fused), by_name(basic)
     for name, run in together.items():
         other = alone[name]

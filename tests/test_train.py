@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow.pytorch
 import pytest
 import torch
-from conftest import SHORT, all_runs, run_gpool, write_image_folder
+from conftest import GENERATED, SHORT, all_runs, run_gpool, write_image_folder
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 import gpool
 from gpool.config import compose_config
+from gpool.model import build_model
 
 
 def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
@@ -67,6 +69,29 @@ def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
     )
     assert len(confusion["matrix"]) == 10 and sum(map(sum, confusion["matrix"])) == 256
     assert set(confusion["per_class_accuracy"]) == set(confusion["classes"])
+
+
+def test_the_logged_model_loads_back_and_images_have_steps(
+    tmp_path: Path, idx_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    every_epoch = "mlflow.class_maps_every_n_epochs=1"
+    assert run_gpool(tmp_path, idx_root, *SHORT, "pool=attention", every_epoch).returncode == 0
+    (run,) = all_runs(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    steps = {p.split("+step+")[1].split("+")[0] for p in images if "/class_maps+step+" in p}
+    assert {int(s) for s in steps} == {1, 2}  # the image slider: one per epoch
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == "model" and logged.source_run_id == run.info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    own = build_model(compose_config(GENERATED, "pool=attention"))
+    own.load_state_dict(torch.load(tmp_path / "single" / "model.pt", weights_only=True))
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), own.eval()(x))
+    assert run.data.metrics["mlflow_seconds"] < 10
 
 
 def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: Path) -> None:
