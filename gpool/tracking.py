@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import mlflow.pytorch
 import torch
 from mlflow.entities import (
     Dataset,
@@ -37,7 +36,6 @@ from mlflow.entities import (
     SourceType,
 )
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from PIL import Image
@@ -323,6 +321,10 @@ class Tracker:
         a CPU copy in the pt2 (torch.export) format, which loads without unpickling code,
         with its signature and `example` as input example. Its pip requirements are given:
         MLflow's inference of them takes ~10 s."""
+        # Imported here: mlflow.pytorch takes ~1.4 s to import, and only a run's end needs it.
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
         network = copy.deepcopy(model).cpu().eval()
         x = example.detach().cpu()
         with torch.no_grad():
