@@ -35,6 +35,12 @@ def threads_per_job() -> int | None:
 # the config with hydra.compose.
 OmegaConf.register_new_resolver("gpool.root", lambda: str(PROJECT_ROOT), replace=True)
 OmegaConf.register_new_resolver("gpool.threads", threads_per_job, replace=True)
+# The maps a pool head sees (conf/pool/attention.yaml): one per class, or the last features.
+OmegaConf.register_new_resolver(
+    "gpool.pooled_channels",
+    lambda position, classes, widths: classes if position == "class_maps" else widths[-1],
+    replace=True,
+)
 
 
 class GpoolError(CompactHydraException):

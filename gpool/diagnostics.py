@@ -32,12 +32,12 @@ def probe_indices(labels: Tensor) -> Tensor:
 def class_maps(
     model: nn.Module, data: ImageData, index: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Images in [0, 1], the [N, num_classes, h, w] maps before the pool, the true labels
-    and the predictions, for the validation images at `index`."""
+    """Images in [0, 1], the [N, num_classes, h, w] class maps (ConvNet.class_maps), the
+    true labels and the predictions, for the validation images at `index`."""
     model.eval()
     index = index.to(data.val.images.device)
     x, labels = data.batch(data.val, index)
     maps = model.class_maps(x)
-    predicted = model.head(model.pool(maps)).argmax(1)
+    predicted = model(x).argmax(1)
     images = data.val.images[index].float() / 255
     return images.cpu(), maps.float().cpu(), labels.cpu(), predicted.cpu()

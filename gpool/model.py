@@ -4,18 +4,22 @@ import copy
 from collections.abc import Sequence
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from gpool import GpoolError
+from gpool.config import build
+
 
 class ConvNet(nn.Module):
-    """Stages of two 3x3 conv + ReLU and a 2x2 max-pool, a 1x1 conv to one map per class,
-    then `pool` reduces each map to a score.
+    """Stages of two 3x3 conv + ReLU and a 2x2 max-pool, then the global pool head.
 
-    With widths (8, 16, 32) this is the article's 1->8->8->16->16->32->32 network; there are
-    no fully connected layers, so the head alone decides how maps become class scores.
+    With widths (8, 16, 32) this is the article's 1->8->8->16->16->32->32 network. Where the
+    pool goes (`pool_position`): `class_maps`, the article's layout, a 1x1 conv to one map
+    per class and the pool turns each map into that class's score (no fully connected
+    layer: the head alone decides how maps become scores); or `features`, the usual modern
+    layout, the pool reduces the last feature maps and a linear layer classifies them.
     """
 
     def __init__(
@@ -25,11 +29,22 @@ class ConvNet(nn.Module):
         pool: nn.Module,
         widths: Sequence[int] = (8, 16, 32),
         output_activation: str | None = None,
+        pool_position: str = "class_maps",
     ) -> None:
         super().__init__()
         if output_activation not in (None, "sigmoid"):
             raise ValueError(
                 f"output_activation must be null or 'sigmoid', not {output_activation!r}"
+            )
+        if pool_position not in ("class_maps", "features"):
+            raise GpoolError(
+                f"model.pool_position must be class_maps or features, not {pool_position!r}"
+            )
+        if pool_position == "class_maps" and not getattr(pool, "signed_inputs", True):
+            raise GpoolError(
+                f"{type(pool).__name__} clamps negative inputs, and class maps are logits: "
+                "a class could never score below zero. Pool them with its signed form "
+                "(pool.shift=true) or pool the features (model.pool_position=features)"
             )
         layers: list[nn.Module] = []
         channels = in_channels
@@ -43,20 +58,34 @@ class ConvNet(nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        # Registered in this order (features, classifier, pool, head): parameter order is
+        # what optimiser state and checkpoints index by.
+        if pool_position == "class_maps":
+            self.classifier: nn.Module = nn.Conv2d(channels, num_classes, 1)
+            channels = num_classes
+        else:
+            self.classifier = nn.Identity()
         self.pool = pool
-        # A head that returns more than one value per class (catavgmax) gets a learned
-        # linear map back to one score per class; the others feed scores straight out.
+        self.pool_position = pool_position
+        # A head that returns several values per map (catavgmax) needs a linear layer back
+        # to one score per class; pooled features need one to become class scores at all.
         factor = getattr(pool, "width_factor", 1)
-        self.head = nn.Linear(factor * num_classes, num_classes) if factor > 1 else nn.Identity()
+        linear = pool_position == "features" or factor > 1
+        self.head = nn.Linear(factor * channels, num_classes) if linear else nn.Identity()
         self.output_activation = output_activation
 
     def class_maps(self, x: Tensor) -> Tensor:
-        """The [N, num_classes, H', W'] maps that enter the pool head."""
-        return self.classifier(self.features(x))
+        """[N, num_classes, H', W'] maps of each class's evidence: the maps that enter the
+        pool (class_maps position), or the classifier's weights applied at every location
+        of the features before the pool (features position: class activation maps)."""
+        maps = self.classifier(self.features(x))
+        if self.pool_position == "class_maps":
+            return maps
+        weight = self.head.weight.view(self.head.out_features, -1, maps.shape[1]).sum(1)
+        return torch.einsum("ck,nkhw->nchw", weight, maps) + self.head.bias.view(1, -1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        scores = self.head(self.pool(self.class_maps(x)))
+        scores = self.head(self.pool(self.classifier(self.features(x))))
         return torch.sigmoid(scores) if self.output_activation == "sigmoid" else scores
 
     def initialise(self, scheme: str) -> None:
@@ -74,7 +103,7 @@ class ConvNet(nn.Module):
 
 def build_model(cfg: DictConfig) -> ConvNet:
     """The network a config describes: conf/model with the head from conf/pool."""
-    return instantiate(cfg.model, pool=instantiate(cfg.pool))
+    return build(cfg.model, pool=build(cfg.pool))
 
 
 class Stack(nn.Module):

@@ -44,22 +44,34 @@ class GlobalCatAvgMaxPool(nn.Module):
 
 
 class GeMPool(nn.Module):
-    """Generalised mean: y = (mean over (h, w) of clamp(x, eps)^p)^(1/p), p learnable.
+    """Generalised mean: y = m + (mean over (h, w) of (x - m)^p)^(1/p), p learnable, where m
+    = min(0, the map's minimum).
 
-    p = 1 is GAP (of the clamped maps), p -> inf tends to GMP; p starts at 3. Computed
-    relative to each map's peak, so a large p never overflows.
+    On non-negative maps (features after a ReLU) m = 0 and this is the usual GeM. Class maps
+    are logits and often negative: shifted by their most negative value and back, GeM stays
+    defined on them, p = 1 is GAP and p -> inf GMP, and every location gets a gradient.
+    `shift=False` is the usual definition on any map, clamped at eps: on logits a class could
+    never score below zero, so gpool.model refuses it on class maps (`signed_inputs`).
+    Computed relative to each map's peak, so a large p never overflows.
     """
 
-    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, shift: bool = True) -> None:
         super().__init__()
         self.p = nn.Parameter(torch.tensor(float(p)))
         self.eps = eps
+        self.shift = shift
+
+    @property
+    def signed_inputs(self) -> bool:
+        return self.shift
 
     def forward(self, x: Tensor) -> Tensor:
+        floor = x.amin((2, 3), keepdim=True).clamp(max=0) if self.shift else torch.zeros(())
         # Scaled by the peak so that x^p stays <= 1: (mean x^p)^(1/p) = m (mean (x/m)^p)^(1/p)
-        x = x.clamp(min=self.eps)
+        x = (x - floor).clamp(min=self.eps)
         peak = x.amax((2, 3), keepdim=True)
-        return peak.flatten(1) * (x / peak).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
+        gem = peak.flatten(1) * (x / peak).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
+        return gem + floor.flatten(1) if self.shift else gem
 
 
 class LSEPool(nn.Module):

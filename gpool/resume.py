@@ -69,7 +69,7 @@ def affects_result(key: str) -> bool:
 
 #: Keys added after runs were made, at the value that does what those runs did: left out of
 #: the hash at that value, so that earlier runs keep theirs (a rerun still skips them).
-NEUTRAL_VALUES = {"dataset.holdout": "0"}
+NEUTRAL_VALUES = {"dataset.holdout": "0", "model.pool_position": "class_maps"}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import gpool
+from gpool import GpoolError
 from gpool.config import CONF_DIR, GROUPS
 from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages
@@ -61,13 +62,16 @@ def test_the_tuned_preset_holds_out_data_and_sweeps_heads_lrs_and_seeds() -> Non
     }
 
 
-def test_a_holdout_of_0_keeps_the_hashes_of_runs_made_before_the_option() -> None:
+def test_new_options_at_their_old_behaviour_keep_earlier_runs_hashes() -> None:
     config = OmegaConf.to_container(make_cfg(), resolve=True)
     assert config["dataset"]["holdout"] == 0
     before = {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "holdout"}}
     assert config_hash(config) == config_hash(before)
     held = {**config, "dataset": {**config["dataset"], "holdout": 5000}}
     assert config_hash(held) != config_hash(config)
+    model = {k: v for k, v in config["model"].items() if k != "pool_position"}
+    assert config["model"]["pool_position"] == "class_maps"
+    assert config_hash({**config, "model": model}) == config_hash(config)
 
 
 @pytest.mark.parametrize("pool", options("pool"))
@@ -83,15 +87,32 @@ def test_heads_work_for_any_map_size(pool: str, hw: tuple[int, int]) -> None:
         assert isinstance(head, {"avg": GlobalAvgPool, "max": GlobalMaxPool}[pool])
 
 
+@pytest.mark.parametrize("position", ["class_maps", "features"])
 @pytest.mark.parametrize("pool", options("pool"))
-def test_every_head_trains_inside_the_model(pool: str) -> None:
-    cfg = make_cfg(f"pool={pool}")
+def test_every_head_trains_inside_the_model(pool: str, position: str) -> None:
+    cfg = make_cfg(f"pool={pool}", f"model.pool_position={position}")
     model = build_model(cfg)
     model.initialise("xavier")
     out = model(torch.randn(4, 1, 28, 28))
     assert out.shape == (4, 10)
     torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_pooling_the_features_classifies_them_linearly_with_class_activation_maps() -> None:
+    model = build_model(make_cfg("model.pool_position=features"))
+    assert isinstance(model.head, torch.nn.Linear) and model.head.in_features == 32
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():  # GAP of the class activation maps is the scores
+        torch.testing.assert_close(model.class_maps(x).mean((2, 3)), model(x))
+    attention = build_model(make_cfg("pool=attention", "model.pool_position=features"))
+    assert attention.pool.score.in_channels == 32  # it scores the features it pools
+
+
+def test_gem_that_clamps_is_refused_on_class_maps() -> None:
+    with pytest.raises(GpoolError, match="clamps negative inputs, and class maps are logits"):
+        build_model(make_cfg("pool=gem", "pool.shift=false"))
+    build_model(make_cfg("pool=gem", "pool.shift=false", "model.pool_position=features"))
 
 
 @pytest.mark.parametrize("name", options("optimizer"))

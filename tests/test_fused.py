@@ -25,10 +25,11 @@ def by_name(tmp: Path) -> dict[str, object]:
     return {r.info.run_name: r for r in job_runs(tmp)}
 
 
+@pytest.mark.parametrize("position", ["class_maps", "features"])
 @pytest.mark.parametrize("pool", options("pool"))
-def test_one_step_of_a_stack_has_each_runs_own_gradients(pool: str) -> None:
+def test_one_step_of_a_stack_has_each_runs_own_gradients(pool: str, position: str) -> None:
     """In float64, so that float32 rounding cannot hide a wrong grouping."""
-    cfg = compose_config(f"pool={pool}")
+    cfg = compose_config(f"pool={pool}", f"model.pool_position={position}")
     networks = []
     for seed in (0, 1, 2):
         seed_everything(seed)

@@ -333,6 +333,7 @@ def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: 
         ),
         (("trainer.cuda_graph=maybe",), "trainer.cuda_graph must be auto, true or false"),
         (("trainer.compile=fast",), "trainer.compile must be false, true or one of"),
+        (("pool=gem", "pool.shift=false"), "clamps negative inputs, and class maps are logits"),
     ],
     ids=lambda v: v[0] if isinstance(v, tuple) else None,
 )

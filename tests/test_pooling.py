@@ -30,6 +30,20 @@ def test_gem_with_p_one_is_the_mean_and_grows_towards_the_max() -> None:
     assert GeMPool().p.item() == 3.0  # the documented start
 
 
+def test_gem_is_defined_on_signed_maps_and_usual_on_non_negative_ones() -> None:
+    """Class maps are logits (X is half negative): GAP at p = 1, GMP as p grows, a gradient
+    at every location; on non-negative maps the shift is 0, the usual GeM."""
+    torch.testing.assert_close(GeMPool(p=1.0)(X), X.mean((2, 3)), atol=1e-5, rtol=0)
+    assert torch.allclose(GeMPool(p=3000.0)(X), X.amax((2, 3)), atol=0.02)
+    x = X.clone().requires_grad_()
+    GeMPool()(x).sum().backward()
+    assert (x.grad[X < 0] != 0).float().mean() > 0.9  # the old clamp gave these 0
+    positive = X.abs() + 0.1
+    torch.testing.assert_close(GeMPool()(positive), GeMPool(shift=False)(positive))
+    clamped = GeMPool(shift=False)(X)
+    assert (clamped > 0).all() and not GeMPool(shift=False).signed_inputs
+
+
 def test_lse_tends_to_max_for_large_r_and_mean_for_small_r() -> None:
     assert torch.allclose(LSEPool(r=500.0)(X), X.amax((2, 3)), atol=0.02)
     torch.testing.assert_close(LSEPool(r=1e-2)(X), X.mean((2, 3)), atol=0.02, rtol=0)
