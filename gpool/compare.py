@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
@@ -485,6 +486,17 @@ class Comparison:
     summary: list[dict]
     groups: list[Group]
 
+    def note(self) -> str:
+        """The run description: the whole report, or, past MLflow's limit on a tag's value
+        (many groups), the verdict and where the tables are."""
+        note = f"{self.header}\n\n{self.table}"
+        if len(note) <= MAX_TAG_VAL_LENGTH:
+            return note
+        return (
+            f"{self.header}\n\nVerdict: {self.line}\n\nThe tables are too long for a run "
+            "description: see the artifact comparison/comparison.md."
+        )
+
 
 def compare_jobs(
     client: MlflowClient,
@@ -537,7 +549,7 @@ def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: li
     run_id = parent.info.run_id
     for path in paths:
         client.log_artifact(run_id, str(path), "comparison")
-    client.set_tag(run_id, MLFLOW_RUN_NOTE, f"{comparison.header}\n\n{comparison.table}")
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, comparison.note())
     now = int(time.time() * 1000)
     metrics = []
     for row, group in zip(comparison.summary, comparison.groups, strict=True):

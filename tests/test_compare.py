@@ -27,7 +27,15 @@ from conftest import (
 from scipy import stats
 from statsmodels.stats.power import TTestPower
 
-from gpool.compare import Group, Pair, RunCurves, factors, holm, mean_std_ci
+from gpool.compare import (
+    Comparison,
+    Group,
+    Pair,
+    RunCurves,
+    factors,
+    holm,
+    mean_std_ci,
+)
 
 CHROMIUM = shutil.which("chromium")
 
@@ -88,6 +96,14 @@ def test_the_same_seeds_are_compared_pairwise_in_seed_order() -> None:
     assert pair.test == "paired t"
     expected = stats.ttest_rel([0.80, 0.90, 0.70], [0.79, 0.905, 0.71])
     assert pair.t_test() == pytest.approx((expected.statistic, expected.pvalue))
+
+
+def test_a_comparison_too_long_for_a_run_description_keeps_its_verdict() -> None:
+    short = Comparison("6 runs", "| table |\n\nVerdict: a leads b", "a leads b", [], [])
+    assert short.note() == "6 runs\n\n| table |\n\nVerdict: a leads b"
+    long = Comparison("35 runs", "| row |\n" * 2000, "a leads b", [], [])
+    assert len(long.note()) < 8000 and "Verdict: a leads b" in long.note()
+    assert "comparison/comparison.md" in long.note()
 
 
 def test_holm_adjustment_matches_its_definition() -> None:
