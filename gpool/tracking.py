@@ -325,7 +325,8 @@ class Tracker:
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
-        network = copy.deepcopy(model).cpu().eval()
+        # Contiguous: torch.export's archive mis-groups channels_last weights (and warns).
+        network = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
         x = example.detach().cpu()
         with torch.no_grad():
             signature = infer_signature(x.numpy(), network(x).numpy())
