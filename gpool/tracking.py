@@ -313,7 +313,14 @@ class Tracker:
             )
             for context, (digest, images) in splits.items()
         ]
-        self._call(self.client.log_inputs, self.run_id, datasets=inputs)
+        try:
+            self._call(self.client.log_inputs, self.run_id, datasets=inputs)
+        except MlflowException as error:
+            # MLflow's store looks a dataset up, then inserts it: runs of a parallel sweep that
+            # log the same new dataset at once collide on its unique key, and the losers'
+            # transactions roll back. Once the winner committed, a second try finds it.
+            log.info("logging the dataset inputs again after: %s", str(error).splitlines()[0])
+            self._call(self.client.log_inputs, self.run_id, datasets=inputs)
 
     def log_model(self, model: nn.Module, example: Tensor, step: int) -> None:
         """The trained network as an MLflow logged model named `model` (the runs table's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from conftest import (
     start_gpool,
     sweep_runs,
 )
+
+from gpool.resume import HASH_TAG
+from gpool.tracking import Tracker, experiment_id, open_store
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,37 @@ def test_rerun_skips_finished_jobs_and_resume_false_retrains(
     proc = run_gpool(tmp_path, idx_root, "pool=avg", *SHORT, "trainer.resume=false")
     assert proc.returncode == 0 and "epoch 2/2" in proc.stdout
     assert len(job_runs(tmp_path)) == 3
+
+
+def test_runs_logging_a_new_dataset_at_once_all_get_it(tmp_path: Path) -> None:
+    """Eight runs log the same not-yet-stored dataset at the same moment: MLflow's
+    look-up-then-insert collides for all but one of them unless gpool tries again."""
+    client = open_store(f"sqlite:///{tmp_path}/mlflow.db", create=True)
+    experiment = experiment_id(client, "gpool")
+    splits = {"training": ("d1", 512), "validation": ("d2", 256)}
+    together = threading.Barrier(8)
+    failures: list[Exception] = []
+
+    def one(n: int) -> None:
+        with Tracker(client, experiment, f"run {n}", {}, {HASH_TAG: str(n)}) as run:
+            together.wait()
+            try:
+                run.log_datasets("fashion_mnist", splits)
+            except Exception as error:  # noqa: BLE001 - reported by the assertion below
+                failures.append(error)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    for run in job_runs(tmp_path):
+        inputs = run.inputs.dataset_inputs
+        assert sorted((i.tags[0].value, i.dataset.digest) for i in inputs) == [
+            ("training", "d1"),
+            ("validation", "d2"),
+        ]
 
 
 def test_parallel_sweep_on_a_fresh_store_loses_nothing(tmp_path: Path, idx_root: Path) -> None:
