@@ -39,6 +39,7 @@ from gpool.config import GROUPS, compose_config
 from gpool.plots import plot_group_curves
 from gpool.resume import affects_result
 from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
+from gpool.ui import share_comparison, ui_pointer
 
 ALPHA = 0.05
 #: The power at which the detectable difference and the seeds needed are stated.
@@ -485,6 +486,7 @@ class Comparison:
     line: str  # the verdict
     summary: list[dict]
     groups: list[Group]
+    factors: list[str] = field(default_factory=list)  # what the groups differ in
 
     def note(self) -> str:
         """The run description: the whole report, or, past MLflow's limit on a tag's value
@@ -530,7 +532,7 @@ def compare_jobs(
         table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
     source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
     header = f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}"
-    return Comparison(header, table, line, summary, groups)
+    return Comparison(header, table, line, summary, groups, names)
 
 
 def metric_key(group: str, statistic: str) -> str:
@@ -542,10 +544,11 @@ def default_out(parent: Run | None) -> Path:
     return PROJECT_ROOT / "runs" / "compare" / (parent.info.run_id if parent else "selection")
 
 
-def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: list[Path]) -> None:
+def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: list[Path]) -> str:
     """Put a comparison on the sweep's parent run: the table and verdict as its description
     (shown on its page), one metric per group and statistic, and the report's files
-    (`paths`: table, CSV, figure) as artifacts."""
+    (`paths`: table, CSV, figure) as artifacts; share the UI view of its runs and return
+    what to print about it (see gpool.ui)."""
     run_id = parent.info.run_id
     for path in paths:
         client.log_artifact(run_id, str(path), "comparison")
@@ -566,6 +569,7 @@ def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: li
             if not math.isnan(v)
         ]
     client.log_batch(run_id, metrics=metrics)
+    return ui_pointer(client.tracking_uri, share_comparison(client, parent, comparison.factors))
 
 
 def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:
@@ -574,14 +578,13 @@ def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:
     return write_report(out, report, comparison.summary, comparison.groups)
 
 
-def publish_comparison(client: MlflowClient, run_id: str, out: Path) -> Comparison:
+def publish_comparison(client: MlflowClient, run_id: str, out: Path) -> tuple[Comparison, str]:
     """At the end of a sweep: compare its jobs, write the report to `out` and put it on the
-    sweep's parent run."""
+    sweep's parent run; returns the comparison and where the UI shows it."""
     parent = client.get_run(run_id)
     comparison = compare_jobs(client, parent, sweep_jobs(client, parent))
     made = f"made {date.today().isoformat()} as the sweep ended"
-    publish(client, parent, comparison, report_files(out, comparison, made))
-    return comparison
+    return comparison, publish(client, parent, comparison, report_files(out, comparison, made))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -602,9 +605,8 @@ def main(argv: list[str] | None = None) -> str:
     made = f"made {date.today().isoformat()} by `{command}`"
     out = args.out or default_out(parent)
     paths = report_files(out, comparison, made)
-    if parent is not None:
-        publish(client, parent, comparison, paths)
-    print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}")
+    pointer = "" if parent is None else "\n" + publish(client, parent, comparison, paths)
+    print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}{pointer}")
     return comparison.line
 
 

@@ -179,11 +179,11 @@ class SweepTracking(Callback):
         finished job has nothing to state."""
         out = Path(client.get_run(run_id).data.tags["sweep_dir"]) / "comparison"
         try:
-            comparison = publish_comparison(client, run_id, out)
+            comparison, pointer = publish_comparison(client, run_id, out)
         except (GpoolError, MlflowException) as err:
             log.info("no comparison on the sweep's run: %s", err)
             return
-        log.info("%s\n\n%s", comparison.header, comparison.table)
+        log.info("%s\n\n%s\n%s", comparison.header, comparison.table, pointer)
 
     def close_parent(self, completed: bool = False) -> None:
         """End the parent run: FINISHED when Hydra completed the sweep and every job's run

@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 import numpy as np
 import pytest
@@ -36,6 +40,10 @@ from gpool.compare import (
     holm,
     mean_std_ci,
 )
+from gpool.ui import LOCAL_UI, share_comparison
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHROMIUM = shutil.which("chromium")
 
@@ -46,6 +54,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
     proc = run_gpool(tmp, make_idx_root(tmp), "pool=avg,max", "seed=0,1,2", *SHORT, multirun=True)
     assert proc.returncode == 0, proc.stderr
+    (tmp / "sweep.out").write_text(proc.stdout)
     return tmp
 
 
@@ -269,13 +278,14 @@ def test_server_serves_parent_and_children(server: str) -> None:
     assert [m["step"] for m in json.load(history)["metrics"]] == [1, 2]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
-def test_ui_nests_the_runs_under_the_sweep(server: str, tmp_path: Path) -> None:
+@contextmanager
+def browser(profile: Path) -> Iterator[Page]:
+    """A page of Debian's chromium, headless, with a fresh profile and nothing online."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a fresh profile
+        context = p.chromium.launch_persistent_context(
+            str(profile),
             executable_path=CHROMIUM,
             viewport={"width": 1400, "height": 900},
             args=[
@@ -288,20 +298,66 @@ def test_ui_nests_the_runs_under_the_sweep(server: str, tmp_path: Path) -> None:
             ],
         )
         try:
-            page = browser.new_page()
-            page.goto(f"{server}/#/experiments/1/runs")
-            # The experiment opens in the model-training view, with the sweep's parent run.
-            page.get_by_text("Training runs").first.wait_for(timeout=60_000)
-            row = page.locator("[role=row]").filter(has_text="pool=avg,max seed=0,1,2").first
-            row.wait_for(timeout=30_000)
-            assert page.get_by_text("pool=avg seed=0", exact=True).count() == 0  # nested
-            row.locator("button[data-component-id*='runnamecellrenderer']").first.click()
-            for name in [f"pool={p} seed={s}" for p in ("avg", "max") for s in range(3)]:
-                page.get_by_text(name, exact=True).wait_for(timeout=10_000)
-            page.screenshot(path=str(tmp_path / "experiment.png"))
+            yield context.new_page()
         finally:
-            browser.close()
+            context.close()
+
+
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium (make test installs it)"
+)
+
+
+@NEEDS_CHROMIUM
+def test_ui_nests_the_runs_under_the_sweep(server: str, tmp_path: Path) -> None:
+    with browser(tmp_path / "profile") as page:
+        page.goto(f"{server}/#/experiments/1/runs")
+        # The experiment opens in the model-training view, with the sweep's parent run.
+        page.get_by_text("Training runs").first.wait_for(timeout=60_000)
+        row = page.locator("[role=row]").filter(has_text="pool=avg,max seed=0,1,2").first
+        row.wait_for(timeout=30_000)
+        assert page.get_by_text("pool=avg seed=0", exact=True).count() == 0  # nested
+        row.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+        for name in [f"pool={p} seed={s}" for p in ("avg", "max") for s in range(3)]:
+            page.get_by_text(name, exact=True).wait_for(timeout=10_000)
+        page.screenshot(path=str(tmp_path / "experiment.png"))
     assert (tmp_path / "experiment.png").stat().st_size > 10_000
+
+
+@NEEDS_CHROMIUM
+def test_the_printed_url_opens_the_comparison(sweep: Path, server: str, tmp_path: Path) -> None:
+    """The URL the sweep printed opens its runs grouped by head with accuracy charts; the
+    sweep's run page states the verdict; a run's page shows its model and dataset."""
+    printed = re.search(r"MLflow UI: (\S+)", (sweep / "sweep.out").read_text())
+    assert printed, "the sweep printed no URL"
+    url = printed[1]
+    assert url.startswith(f"{LOCAL_UI}/#/experiments/1/runs?viewStateShareKey=")
+    assert "workflowType=machine_learning" in url
+    client = store(sweep)
+    (parent,) = client.search_runs(["1"], "tags.`gpool.role` = 'sweep'")
+    child = client.search_runs(["1"], "attributes.run_name = 'pool=avg seed=0'")[0]
+    with browser(tmp_path / "profile") as page:
+        page.goto(url.replace(LOCAL_UI, server))
+        for pool in ("avg", "max"):
+            page.get_by_text(f"Group: {pool}", exact=True).wait_for(timeout=60_000)
+        for name in [f"pool={p} seed={s}" for p in ("avg", "max") for s in range(3)]:
+            page.get_by_text(name, exact=True).wait_for(timeout=10_000)
+        first = page.locator("[data-testid=experiment-view-compare-runs-card]").first
+        first.get_by_text("val_acc", exact=True).wait_for(timeout=30_000)
+        first.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "comparison.png"))
+
+        page.goto(
+            f"{server}/#/experiments/1/runs/{parent.info.run_id}?workflowType=machine_learning"
+        )
+        page.get_by_text("Verdict: pool=").first.wait_for(timeout=60_000)
+        page.goto(
+            f"{server}/#/experiments/1/runs/{child.info.run_id}?workflowType=machine_learning"
+        )
+        page.get_by_text("Logged models (1)").wait_for(timeout=60_000)
+        page.get_by_text(re.compile(r"^fashion_mnist \(\w+\)$")).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "run.png"))
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
 
 
 def test_settings_that_do_not_change_results_are_no_factor(sweep: Path) -> None:
@@ -325,3 +381,19 @@ def test_settings_that_do_not_change_results_are_no_factor(sweep: Path) -> None:
     assert config_hash(base) != config_hash({**base, "trainer": {"epochs": 3, "threads": 1}})
     runs = [r for r in store(sweep).search_runs(["1"]) if "gpool.role" not in r.data.tags]
     assert factors(runs) == ["pool"]  # seeds and run names differ too, but are no factor
+
+
+def test_the_shared_view_groups_by_every_factor_but_the_seed(sweep: Path) -> None:
+    client = store(sweep)
+    (parent,) = client.search_runs(["1"], "tags.`gpool.role` = 'sweep'")
+    url = share_comparison(client, parent, ["pool", "optimizer.lr"])
+    key = parse_qs(url.split("?", 1)[1])["viewStateShareKey"][0]
+    tags = client.get_experiment("1").tags
+    state = json.loads(json.loads(tags[f"mlflow.sharedViewState.{key}"])["state"])
+    assert state["groupBy"]["groupByKeys"] == [
+        {"mode": "tag", "groupByData": "pool"},
+        {"mode": "param", "groupByData": "optimizer.lr"},
+    ]
+    assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    charts = [c["metricKey"] for c in state["compareRunCharts"]]
+    assert charts == ["val_acc", "train_acc"]
