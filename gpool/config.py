@@ -69,7 +69,7 @@ def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
 def check_values(cfg: DictConfig) -> None:
     """Refuse, with one message naming the key, what the schema's types let through but no
     run can use: mandatory values left unset, a seed that is not a whole number, a learning
-    rate that is not a positive number."""
+    rate that is not a positive number, a switch that is not true or false."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=False))  # unresolved: no errors here
     if missing := sorted(key for key, value in flat.items() if value == "???"):
         raise GpoolError(
@@ -83,6 +83,8 @@ def check_values(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
         raise GpoolError(f"optimizer.lr must be a number > 0, not {lr!r}")
+    if not isinstance(system_metrics := cfg.mlflow.system_metrics, bool):
+        raise GpoolError(f"mlflow.system_metrics must be true or false, not {system_metrics!r}")
 
 
 def override_key(override: str) -> str:

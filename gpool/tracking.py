@@ -36,6 +36,7 @@ from mlflow.entities import (
     SourceType,
 )
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from PIL import Image
@@ -223,6 +224,7 @@ class Tracker:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         resume_run_id: str | None = None,
+        system_metrics: bool = False,
     ) -> None:
         self.seconds = 0.0  # spent in MLflow calls; logged as `mlflow_seconds` at the end
         self.client = client
@@ -238,6 +240,8 @@ class Tracker:
         self.resumed = resume_run_id is not None
         self.run_id = resume_run_id or ""
         self.closed = False
+        self.system_metrics = system_metrics
+        self.monitor: SystemMetricsMonitor | None = None
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call an MLflow function, adding its time to `seconds`."""
@@ -263,6 +267,12 @@ class Tracker:
                 self._call(self.client.log_batch, self.run_id, params=batch)
             log.info("MLflow run %s (%s) in %s", self.run_id, self.run_name, where)
         self._call(register_job, self.client, self.tags[HASH_TAG], self.run_id)
+        if self.system_metrics:  # MLflow's own sampler: a thread, every 10 s, `system/*`
+            uri = self.client.tracking_uri
+            self.monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=self.resumed, tracking_uri=uri
+            )
+            self.monitor.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any):
@@ -280,6 +290,8 @@ class Tracker:
             status = RunStatus.FAILED
             failure = redact(f"{exc_type.__name__}: {exc}")[:5000]
             self._call(self.client.set_tag, self.run_id, "failure", failure)
+        if self.monitor is not None:  # its last samples go in while the run is still open
+            self.monitor.finish()
         self._call(self.client.log_metric, self.run_id, "mlflow_seconds", self.seconds)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
         return False

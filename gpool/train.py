@@ -92,7 +92,10 @@ class Job:
         tags = tags_for(dict(self.hydra.runtime.choices), self.cfg.seed, overrides)
         tags.update({HASH_TAG: self.fingerprint, CHECKPOINT_TAG: str(self.checkpoint), **group})
         resume_id = resume.info.run_id if resume is not None else None
-        return Tracker(client, experiment, self.run_name, self.config, tags, resume_id)
+        system_metrics = self.cfg.mlflow.system_metrics
+        return Tracker(
+            client, experiment, self.run_name, self.config, tags, resume_id, system_metrics
+        )
 
     def skip(self, client: MlflowClient, finished: Run) -> float:
         """This config already FINISHED: count that run in this sweep, train nothing."""

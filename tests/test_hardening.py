@@ -332,6 +332,7 @@ def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: 
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
         ),
         (("trainer.cuda_graph=maybe",), "trainer.cuda_graph must be auto, true or false"),
+        (("mlflow.system_metrics=often",), "mlflow.system_metrics must be true or false"),
         (("trainer.compile=fast",), "trainer.compile must be false, true or one of"),
         (("pool=gem", "pool.shift=false"), "clamps negative inputs, and class maps are logits"),
     ],

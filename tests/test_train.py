@@ -94,6 +94,24 @@ def test_the_logged_model_loads_back_and_images_have_steps(
     assert run.data.metrics["mlflow_seconds"] < 10
 
 
+def test_runs_log_system_metrics_unless_switched_off(
+    tmp_path: Path, idx_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's: 10 s
+    longer = (*SHORT, "trainer.epochs=3")
+    assert run_gpool(tmp_path, idx_root, *longer).returncode == 0
+    off = run_gpool(tmp_path, idx_root, *longer, "seed=1", "mlflow.system_metrics=false")
+    assert off.returncode == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    on, off = (
+        r.info.run_id for r in sorted(all_runs(tmp_path), key=lambda r: r.data.params["seed"])
+    )
+    system = {k for k in client.get_run(on).data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    assert len(client.get_metric_history(on, "system/cpu_utilization_percentage")) >= 2
+    assert not any(k.startswith("system/") for k in client.get_run(off).data.metrics)
+
+
 def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: Path) -> None:
     proc = run_gpool(tmp_path, idx_root, *SHORT)
     assert proc.returncode == 0, proc.stderr
