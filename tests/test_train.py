@@ -100,8 +100,8 @@ def test_runs_log_system_metrics_unless_switched_off(
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's: 10 s
     longer = (*SHORT, "trainer.epochs=3")
     assert run_gpool(tmp_path, idx_root, *longer).returncode == 0
-    off = run_gpool(tmp_path, idx_root, *longer, "seed=1", "mlflow.system_metrics=false")
-    assert off.returncode == 0
+    switched_off = run_gpool(tmp_path, idx_root, *longer, "seed=1", "mlflow.system_metrics=false")
+    assert switched_off.returncode == 0
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     on, off = (
         r.info.run_id for r in sorted(all_runs(tmp_path), key=lambda r: r.data.params["seed"])
