@@ -416,7 +416,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         metavar="POINTS",
         help="also state, per pair, the seeds per group needed to detect a difference of "
-        f"POINTS points of accuracy at {POWER:.0%} power",
+        f"POINTS points of accuracy at {POWER * 100:.0f}%% power",
     )
     return parser.parse_args(argv)
 

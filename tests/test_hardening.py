@@ -376,6 +376,23 @@ def test_stores_that_cannot_work_fail_fast_with_one_line(tmp_path: Path, idx_roo
     assert not typo.exists()
 
 
+@pytest.mark.parametrize(
+    ("module", "mentions"),
+    [("gpool.train", "pool: "), ("gpool.compare", "80% power"), ("gpool.bench", "--steps")],
+)
+def test_every_command_answers_help(tmp_path: Path, module: str, mentions: str) -> None:
+    """`--help` is the first thing a user types; a stray % in a help string once crashed it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert mentions in proc.stdout
+
+
 def test_compare_mistakes_are_one_line(tmp_path: Path, idx_root: Path) -> None:
     assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
     one_clear_line(compare(tmp_path, "--parent", "0123456789abcdef"), "0123456789abcdef")
