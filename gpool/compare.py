@@ -38,7 +38,14 @@ from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import GROUPS, compose_config
 from gpool.plots import plot_group_curves
 from gpool.resume import affects_result
-from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
+from gpool.tracking import (
+    EXPECTED_JOBS_TAG,
+    ROLE_TAG,
+    one_per_config,
+    open_store,
+    sweep_jobs,
+    sweeps,
+)
 from gpool.ui import share_comparison, ui_pointer
 
 ALPHA = 0.05
@@ -235,7 +242,8 @@ def select_runs(
     client: MlflowClient, experiment: str, parent: str | None, filter_string: str | None
 ) -> tuple[Run | None, list[Run]]:
     """(the sweep's parent run or None, every job run of the selection, whatever its
-    status): one run per job of a sweep, or the experiment's runs that match the filter."""
+    status): one run per job of a sweep, or per config among the experiment's runs that
+    match the filter."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise GpoolError(f"no MLflow experiment {experiment!r} in that store")
@@ -246,7 +254,7 @@ def select_runs(
             sweep = client.get_run(parent)
         else:
             runs = client.search_runs([exp.experiment_id], filter_string, max_results=10000)
-            return None, [r for r in runs if ROLE_TAG not in r.data.tags]
+            return None, one_per_config(r for r in runs if ROLE_TAG not in r.data.tags)
     except MlflowException as err:  # an unknown run id, a malformed filter
         raise GpoolError(err.message) from None
     return sweep, sweep_jobs(client, sweep)

@@ -174,10 +174,23 @@ def register_job(client: MlflowClient, fingerprint: str, run_id: str) -> None:
         client.set_tag(parent, f"{JOB_TAG_PREFIX}{fingerprint}", run_id)
 
 
+def one_per_config(runs: Iterable[Run]) -> list[Run]:
+    """One run per config, oldest first. Where a config has several runs (a retrain with
+    trainer.resume=false, or a run stopped before its first checkpoint and started afresh),
+    its newest FINISHED one, else its newest: a seed is never counted twice, and a run that
+    a later one replaced is not reported as missing."""
+    by_config: dict[str, Run] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        config = run.data.tags.get(HASH_TAG, run.info.run_id)
+        kept = by_config.get(config)
+        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
+            by_config[config] = run
+    return sorted(by_config.values(), key=lambda r: r.info.start_time)
+
+
 def sweep_jobs(client: MlflowClient, parent: Run) -> list[Run]:
-    """One run per job of a sweep, oldest first: its child runs and the runs its jobs
-    recorded (finished in an earlier sweep). Where a config has several runs (a retrain
-    with trainer.resume=false), its newest FINISHED one, else its newest."""
+    """One run per job of a sweep (one_per_config): its child runs and the runs its jobs
+    recorded (finished in an earlier sweep)."""
     runs = {
         r.info.run_id: r
         for r in client.search_runs(
@@ -192,13 +205,7 @@ def sweep_jobs(client: MlflowClient, parent: Run) -> list[Run]:
                 runs[run_id] = client.get_run(run_id)
             except MlflowException:  # deleted since: that job has no run now
                 continue
-    by_config: dict[str, Run] = {}
-    for run in sorted(runs.values(), key=lambda r: r.info.start_time):
-        config = run.data.tags.get(HASH_TAG, run.info.run_id)
-        kept = by_config.get(config)
-        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
-            by_config[config] = run
-    return sorted(by_config.values(), key=lambda r: r.info.start_time)
+    return one_per_config(runs.values())
 
 
 def git_commit() -> str | None:

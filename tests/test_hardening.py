@@ -217,6 +217,21 @@ def test_a_wider_sweep_counts_the_jobs_an_earlier_sweep_finished(
     assert "| pool=avg | 2 |" in result.stdout and "| pool=max | 2 |" in result.stdout
 
 
+def test_a_config_trained_twice_counts_once_in_an_experiments_comparison(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    """A retrain (trainer.resume=false) is a second run of the same config, not a second
+    seed: `--experiment` and `--filter` keep its newest finished run, as a sweep does."""
+    assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
+    retrain = run_gpool(tmp_path, idx_root, "pool=avg", "trainer.resume=false", *SHORT)
+    assert retrain.returncode == 0, retrain.stderr
+    assert len(job_runs(tmp_path)) == 3
+    for selection in (["--experiment", "gpool"], ["--filter", "tags.seed = '0'"]):
+        result = compare(tmp_path, *selection)
+        assert "2 finished runs from selection" in result.stdout, result.stderr
+        assert "| pool=avg | 1 |" in result.stdout and "| pool=max | 1 |" in result.stdout
+
+
 def test_compare_names_the_jobs_it_leaves_out_and_why(tmp_path: Path, idx_root: Path) -> None:
     proc = run_gpool(tmp_path, idx_root, "optimizer.lr=1e12,3e-4", *SHORT, multirun=True)
     assert proc.returncode != 0
