@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import cycle
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from gpool.engine import EpochResult  # noqa: E402
@@ -85,31 +87,41 @@ def plot_confusion(matrix: Tensor, classes: Sequence[str], path: Path) -> Path:
     return path
 
 
-def plot_group_curves(
-    groups: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path
-) -> Path:
+def group_figure(groups: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) -> Figure:
     """Accuracy per epoch for groups of runs: one panel per split ("validation",
     "training"), each group's mean over its runs with a ±std band (the article's comparison
-    plot, over seeds instead of one run per head)."""
+    plot, over seeds instead of one run per head). Each group has a colour of its own (tab20
+    past ten groups, repeating past twenty) and one legend sits under the panels, so that
+    7 heads x 2 positions stay readable."""
     splits = list(next(iter(groups.values())))
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
     fig, axes = plt.subplots(
-        1, len(splits), figsize=(5.5 * len(splits), 4), constrained_layout=True
+        1, len(splits), figsize=(5.5 * len(splits), 4 + 0.1 * len(groups)), layout="constrained"
     )
     for ax, split in zip(np.atleast_1d(axes), splits, strict=True):
-        for name, curves_by_split in groups.items():
+        for colour, (name, curves_by_split) in zip(cycle(colours), groups.items()):
             runs = curves_by_split[split]
             length = min(len(run) for run in runs)
             curves = np.array([run[:length] for run in runs]) * 100
             epochs = np.arange(1, length + 1)
             mean = curves.mean(0)
             std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{name} (n={len(runs)})")
-            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.plot(epochs, mean, marker="o", ms=3, color=colour, label=f"{name} (n={len(runs)})")
+            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2)
         ax.set_title(f"{split} accuracy, mean ± std over seeds")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy %")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
+    return fig
+
+
+def plot_group_curves(
+    groups: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path
+) -> Path:
+    """group_figure, saved to `path`."""
+    fig = group_figure(groups)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

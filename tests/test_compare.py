@@ -40,6 +40,7 @@ from gpool.compare import (
     holm,
     mean_std_ci,
 )
+from gpool.plots import group_figure
 from gpool.ui import LOCAL_UI, share_comparison
 
 if TYPE_CHECKING:
@@ -397,3 +398,19 @@ def test_the_shared_view_groups_by_every_factor_but_the_seed(sweep: Path) -> Non
     assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     charts = [c["metricKey"] for c in state["compareRunCharts"]]
     assert charts == ["val_acc", "train_acc"]
+
+
+def test_many_groups_get_their_own_colours_and_one_legend_under_the_panels() -> None:
+    """14 groups (7 heads x 2 positions): tab10's colours would repeat, and a legend inside
+    each panel would cover the curves."""
+    groups = {
+        f"pool=h{i}": {"validation": [[0.8, 0.85], [0.81, 0.86]], "training": [[0.7, 0.9]] * 2}
+        for i in range(14)
+    }
+    fig = group_figure(groups)
+    for ax in fig.axes:
+        colours = {tuple(line.get_color()) for line in ax.get_lines()}
+        assert len(ax.get_lines()) == 14 and len(colours) == 14
+        assert ax.get_legend() is None
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [f"pool=h{i} (n=2)" for i in range(14)]
