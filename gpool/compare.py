@@ -37,15 +37,8 @@ from statsmodels.stats.power import TTestIndPower, TTestPower
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import GROUPS, compose_config
 from gpool.plots import plot_group_curves
-from gpool.resume import affects_result
-from gpool.tracking import (
-    EXPECTED_JOBS_TAG,
-    ROLE_TAG,
-    one_per_config,
-    open_store,
-    sweep_jobs,
-    sweeps,
-)
+from gpool.resume import affects_result, one_per_config
+from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
 from gpool.ui import share_comparison, ui_pointer
 
 ALPHA = 0.05

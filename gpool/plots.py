@@ -98,7 +98,8 @@ def group_figure(groups: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) 
     fig, axes = plt.subplots(
         1, len(splits), figsize=(5.5 * len(splits), 4 + 0.1 * len(groups)), layout="constrained"
     )
-    for ax, split in zip(np.atleast_1d(axes), splits, strict=True):
+    panels = np.atleast_1d(axes)
+    for ax, split in zip(panels, splits, strict=True):
         for colour, (name, curves_by_split) in zip(cycle(colours), groups.items()):
             runs = curves_by_split[split]
             length = min(len(run) for run in runs)
@@ -112,7 +113,7 @@ def group_figure(groups: Mapping[str, Mapping[str, Sequence[Sequence[float]]]]) 
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy %")
         ax.grid(alpha=0.3)
-    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    handles, labels = panels[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     return fig
 

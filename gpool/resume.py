@@ -21,7 +21,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -266,13 +266,24 @@ def load_stacked(
 # --- earlier runs of the same config ------------------------------------------------------
 
 
+def one_per_config(runs: Iterable[Run]) -> list[Run]:
+    """One run per config, oldest first. Where a config has several runs (a retrain with
+    trainer.resume=false, or a run stopped before its first checkpoint and started afresh),
+    its newest FINISHED one, else its newest: a seed is never counted twice, and a run that
+    a later one replaced is not reported as missing."""
+    by_config: dict[str, Run] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        config = run.data.tags.get(HASH_TAG, run.info.run_id)
+        kept = by_config.get(config)
+        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
+            by_config[config] = run
+    return sorted(by_config.values(), key=lambda r: r.info.start_time)
+
+
 def previous_run(client: MlflowClient, experiment_id: str, fingerprint: str) -> Run | None:
-    """The newest run of the same config: a FINISHED one first, else the newest of any."""
-    runs = client.search_runs(
-        [experiment_id], f"tags.`{HASH_TAG}` = '{fingerprint}'", order_by=["start_time DESC"]
-    )
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    return (finished or runs or [None])[0]
+    """The run of this config that counts (one_per_config), or None."""
+    runs = client.search_runs([experiment_id], f"tags.`{HASH_TAG}` = '{fingerprint}'")
+    return next(iter(one_per_config(runs)), None)
 
 
 def slurm_job() -> str | None:

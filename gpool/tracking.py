@@ -45,10 +45,7 @@ from torch import Tensor, nn
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import GROUPS, flatten
 from gpool.engine import EpochResult
-from gpool.resume import (
-    HASH_TAG,
-    process_tags,
-)
+from gpool.resume import HASH_TAG, one_per_config, process_tags
 
 log = logging.getLogger(__name__)
 
@@ -172,20 +169,6 @@ def register_job(client: MlflowClient, fingerprint: str, run_id: str) -> None:
     """Record on the sweep's parent run (if this job has one) that `run_id` is this job's."""
     if parent := os.environ.get(PARENT_RUN_ENV):
         client.set_tag(parent, f"{JOB_TAG_PREFIX}{fingerprint}", run_id)
-
-
-def one_per_config(runs: Iterable[Run]) -> list[Run]:
-    """One run per config, oldest first. Where a config has several runs (a retrain with
-    trainer.resume=false, or a run stopped before its first checkpoint and started afresh),
-    its newest FINISHED one, else its newest: a seed is never counted twice, and a run that
-    a later one replaced is not reported as missing."""
-    by_config: dict[str, Run] = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):
-        config = run.data.tags.get(HASH_TAG, run.info.run_id)
-        kept = by_config.get(config)
-        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
-            by_config[config] = run
-    return sorted(by_config.values(), key=lambda r: r.info.start_time)
 
 
 def sweep_jobs(client: MlflowClient, parent: Run) -> list[Run]:
