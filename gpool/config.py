@@ -11,6 +11,7 @@ import inspect
 import numbers
 from collections.abc import Mapping
 from dataclasses import MISSING, field, make_dataclass
+from math import inf
 from typing import Any, get_type_hints
 
 from hydra import compose, initialize_config_dir
@@ -69,7 +70,7 @@ def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
 def check_values(cfg: DictConfig) -> None:
     """Refuse, with one message naming the key, what the schema's types let through but no
     run can use: mandatory values left unset, a seed that is not a whole number, a learning
-    rate that is not a positive number, a switch that is not true or false."""
+    rate (or one-cycle's peak) that is not a positive number, a switch that is not true or false."""
     flat = flatten(OmegaConf.to_container(cfg, resolve=False))  # unresolved: no errors here
     if missing := sorted(key for key, value in flat.items() if value == "???"):
         raise GpoolError(
@@ -80,9 +81,12 @@ def check_values(cfg: DictConfig) -> None:
     seed = cfg.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise GpoolError(f"seed must be a whole number >= 0, not {seed!r}")
-    lr = cfg.optimizer.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-        raise GpoolError(f"optimizer.lr must be a number > 0, not {lr!r}")
+    rates = {"optimizer.lr": cfg.optimizer.get("lr")}
+    if (schedule := cfg.scheduler.get("lr_scheduler")) is not None and "max_lr" in schedule:
+        rates["scheduler.lr_scheduler.max_lr"] = schedule.max_lr
+    for key, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < inf:
+            raise GpoolError(f"{key} must be a number > 0, not {rate!r}")
     if not isinstance(system_metrics := cfg.mlflow.system_metrics, bool):
         raise GpoolError(f"mlflow.system_metrics must be true or false, not {system_metrics!r}")
 

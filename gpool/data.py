@@ -188,8 +188,10 @@ def md5_of(path: Path) -> str:
 def verify_files(folder: Path, checksums: Mapping[str, str | None]) -> None:
     """Raise DataError unless each file in `folder` has its expected md5 (None: not known).
 
-    Verdicts are cached in `folder/.gpool-verified.json` by file size and modification
-    time, so a data directory costs one read of each file until a file changes.
+    Verdicts are cached in `folder/.gpool-verified.json` by the file's inode, size,
+    modification and status-change times: any write moves the change time (ctime), which,
+    unlike the modification time, no `touch`, `cp -p` or `tar` can put back; so a data
+    directory costs one read of each file until a file changes.
     """
     cache_file = folder / ".gpool-verified.json"
     try:
@@ -199,8 +201,8 @@ def verify_files(folder: Path, checksums: Mapping[str, str | None]) -> None:
     for name, expected in checksums.items():
         if expected is None:
             continue
-        stat = (folder / name).stat()
-        version = [stat.st_size, stat.st_mtime_ns, expected]
+        info = (folder / name).stat()
+        version = [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, expected]
         if cache.get(name) == version:
             continue
         actual = md5_of(folder / name)
@@ -261,6 +263,7 @@ class TorchvisionImages:
             raise ValueError(f"{len(self.classes)} class names for num_classes={num_classes}")
         self.mean = list(mean) if normalize else [0.0] * channels
         self.std = list(std) if normalize else [1.0] * channels
+        check_shape(channels, image_size, self.mean, self.std)
         self.offline_copy = offline_copy
         self.checksums = dict(checksums or {})
 
@@ -388,6 +391,7 @@ class ImageFolderImages:
         self.num_classes = num_classes
         self.mean = list(mean) if normalize else [0.0] * channels
         self.std = list(std) if normalize else [1.0] * channels
+        check_shape(channels, image_size, self.mean, self.std)
         self.classes = list(classes) if classes else None
 
     def load(self, device: torch.device | str, channels_last: bool = True) -> ImageData:
@@ -419,19 +423,61 @@ class ImageFolderImages:
             dataset = ImageFolder(str(folder))
         except (FileNotFoundError, OSError) as err:
             raise DataError(f"{folder}: {err}") from err
-        mode = {1: "L", 3: "RGB"}[self.channels]
-        size = (self.image_size, self.image_size)
-        images = []
-        for path, _ in dataset.samples:
-            try:
-                with Image.open(path) as image:
-                    image = image.convert(mode)
-                    if image.size != size:
-                        image = image.resize(size, Image.BILINEAR)
-                    images.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()))
-            except OSError as err:
-                raise DataError(f"{path} is not a readable image ({err})") from err
+        check_no_repeats(folder, [path for path, _ in dataset.samples])
+        images = [self._image(Path(path)) for path, _ in dataset.samples]
         stacked = torch.stack(images)
         stacked = stacked.unsqueeze(1) if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)
         labels = torch.tensor(dataset.targets, dtype=torch.int64)
         return Split(stacked.contiguous(), labels), list(dataset.classes)
+
+    def _image(self, path: Path) -> Tensor:
+        """One image as uint8 [H, W] or [H, W, C] at `channels` and `image_size`; 16-bit
+        greyscale scaled to 8 bits (PIL's own conversion clips it at 255: all white)."""
+        size = (self.image_size, self.image_size)
+        try:
+            with Image.open(path) as image:
+                if image.mode.startswith("I"):  # 16-bit greyscale PNGs open as I;16 or I
+                    wide = np.asarray(image, dtype=np.float64) * (255 / 65535)
+                    image = Image.fromarray(wide.round().clip(0, 255).astype(np.uint8))
+                image = image.convert({1: "L", 3: "RGB"}[self.channels])
+                if image.size != size:
+                    image = image.resize(size, Image.BILINEAR)
+                return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        except (OSError, Image.DecompressionBombError) as err:
+            raise DataError(f"{path} is not a readable image ({err})") from err
+
+
+def check_no_repeats(folder: Path, paths: Sequence[str]) -> None:
+    """Raise DataError when one image file is reached by two paths: a folder link inside a
+    class folder (a loop counts the class's images dozens of times) or a link to another
+    class's folder."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DataError(
+                f"{folder}: {real} is reached both as {seen[real]} and as {path}: a folder "
+                "link inside the data repeats images (a loop counts them many times); "
+                "remove the link"
+            )
+        seen[real] = path
+
+
+def check_shape(channels: int, image_size: int, mean: Sequence[float], std: Sequence[float]):
+    """Refuse image settings no run can use, naming the key: greyscale or RGB only, images
+    the convnet can halve three times, one mean and std per channel."""
+    if channels not in (1, 3):
+        raise DataError(f"dataset.channels must be 1 (greyscale) or 3 (RGB), not {channels}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise DataError(
+            f"dataset.image_size must be a whole number >= 8 (the network halves images "
+            f"three times), not {image_size!r}"
+        )
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise DataError(
+                f"dataset.{key} has {len(values)} values for dataset.channels={channels}: "
+                "give one per channel"
+            )
+    if not all(v > 0 for v in std):
+        raise DataError(f"dataset.std must be > 0 for every channel, not {list(std)}")

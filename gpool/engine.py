@@ -454,10 +454,13 @@ class Trainer:
         first_step = (epoch - 1) * per_epoch
         bar = tqdm(range(per_epoch), desc=f"epoch {epoch}/{self.epochs}", leave=False, disable=None)
         trained = steps.begin(order)
+        stands = (
+            f"the checkpoint after epoch {epoch - 1} stands" if epoch > 1 else "no checkpoint yet"
+        )
         try:
             for i in bar:
                 if stop is not None:
-                    stop.check(f"in epoch {epoch} (the checkpoint after epoch {epoch - 1} stands)")
+                    stop.check(f"in epoch {epoch} ({stands})")
                 losses = steps.step()
                 if step_scheduler is not None:
                     step_scheduler.step()

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpool import GpoolError
+
 
 class GlobalAvgPool(nn.Module):
     """GAP: y[n, c] = mean over (h, w) of x[n, c, h, w]; every location shares the credit."""
@@ -57,6 +59,8 @@ class GeMPool(nn.Module):
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, shift: bool = True) -> None:
         super().__init__()
+        if not 0 < p < math.inf:
+            raise GpoolError(f"pool.p must be a number > 0 (GeM's exponent), not {p!r}")
         self.p = nn.Parameter(torch.tensor(float(p)))
         self.eps = eps
         self.shift = shift
@@ -83,8 +87,11 @@ class LSEPool(nn.Module):
 
     def __init__(self, r: float = 1.0) -> None:
         super().__init__()
-        # softplus^-1(r), so that the effective r starts at the configured value
-        self.raw_r = nn.Parameter(torch.tensor(math.log(math.expm1(float(r)))))
+        if not 0 < r < math.inf:
+            raise GpoolError(f"pool.r must be a number > 0 (LSE's sharpness), not {r!r}")
+        # softplus^-1(r) = log(e^r - 1), written so that a large r cannot overflow: the
+        # effective r starts at the configured value
+        self.raw_r = nn.Parameter(torch.tensor(r + math.log(-math.expm1(-float(r)))))
 
     @property
     def r(self) -> Tensor:

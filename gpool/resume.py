@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -42,11 +43,18 @@ log = logging.getLogger(__name__)
 
 #: Tag holding config_hash(): how a rerun finds the run of the same config.
 HASH_TAG = "gpool.config_hash"
-#: Tag holding the path of the run's latest checkpoint.
+#: Tag holding the path of the run's latest checkpoint: information only, never read back.
 CHECKPOINT_TAG = "gpool.checkpoint"
 #: Config keys (and prefixes) left out of config_hash and of gpool.compare's factors: where
 #: and how a run executes (a CUDA graph replays the same step), not what it computes.
-NOT_RESULT_KEYS = ("mlflow", "data_dir", "trainer.threads", "trainer.resume", "trainer.cuda_graph")
+NOT_RESULT_KEYS = (
+    "mlflow",
+    "data_dir",
+    "checkpoint_dir",
+    "trainer.threads",
+    "trainer.resume",
+    "trainer.cuda_graph",
+)
 #: Set by a sweep's launching process: its pid, so that job processes it started can
 #: notice when it dies (SIGKILL) and stop instead of training on for nobody.
 LAUNCHER_PID_ENV = "GPOOL_LAUNCHER_PID"
@@ -179,6 +187,7 @@ def save_checkpoint(path: Path, state: TrainState, n: int, meta: Mapping[str, st
     }
     partial = path.with_name(f"{path.name}.tmp")
     try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         torch.save(payload, partial)
         os.replace(partial, path)
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as either
@@ -338,13 +347,29 @@ def alive_at(run: Run, deadline: float) -> bool:
     return False
 
 
-def mark_dead_runs_killed(client: MlflowClient, experiment_id: str) -> None:
-    """End every RUNNING run of the experiment whose process is gone (SIGKILL, a lost
-    node's requeued job) as KILLED: nothing stays RUNNING past the next gpool command."""
-    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+def mark_dead_runs_killed(client: MlflowClient) -> None:
+    """End every RUNNING run of the store whose process is gone (SIGKILL, a lost node's
+    requeued job) as KILLED: nothing stays RUNNING past the next gpool command on it."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'"):
         if not is_alive(run):
             log.info("MLflow run %s's process is gone: marking it KILLED", run.info.run_id)
             client.set_terminated(run.info.run_id, "KILLED")
+
+
+def private_folder(folder: Path) -> Path:
+    """`folder`, made if missing, once it is sure to be this user's alone: a real directory
+    (no symlink), owned by this uid, that nobody else can write to. Another local user who
+    made it first (in a shared /tmp, say) could otherwise plant links or hold locks in it."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise GpoolError(
+            f"{folder} is not a folder of this user's alone (owner uid {info.st_uid}, mode "
+            f"{stat.filemode(info.st_mode)}): another user may have made it; remove it, or "
+            "make it yours with mode 700"
+        )
+    return folder
 
 
 @contextmanager
@@ -354,27 +379,50 @@ def claim(*what: str) -> Iterator[None]:
 
     A file lock per `what` on this machine, so two identical commands started at once
     cannot both find no run and both train (the second waits, then finds the first one's
-    run RUNNING), nor both create a fresh sqlite store.
+    run RUNNING), nor both create a fresh sqlite store. The lock file is opened without
+    following a link and without truncating, in a folder of this user's alone.
     """
     key = hashlib.sha256("\n".join(what).encode()).hexdigest()
-    folder = Path(tempfile.gettempdir()) / f"gpool-claims-{os.getuid()}"  # users share /tmp
-    folder.mkdir(exist_ok=True)
-    with (folder / f"{key[:32]}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    folder = private_folder(Path(tempfile.gettempdir()) / f"gpool-claims-{os.getuid()}")
+    path = folder / f"{key[:32]}.lock"
+    try:
+        lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:  # ELOOP: a link planted where the lock file goes
+        raise GpoolError(
+            f"cannot open the claim {path} ({err.strerror}); remove it (gpool makes it anew)"
+        ) from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another gpool command deciding about the same run")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        os.close(lock)
+
+
+def checkpoint_path(root: Path, tracking_uri: str, experiment: str, fingerprint: str) -> Path:
+    """Where the run of this config in this store and experiment keeps its checkpoint: a
+    place that follows from the job alone, in the user's own checkpoint folder, so that no
+    tag or artifact in the store (which others may write) chooses the file a rerun resumes
+    from."""
+    key = hashlib.sha256(f"{tracking_uri}\n{experiment}\n{fingerprint}".encode()).hexdigest()
+    return private_folder(root) / key[:24] / "checkpoint.pt"
 
 
 def resume_point(
-    client: MlflowClient, experiment_id: str, fingerprint: str
+    client: MlflowClient, experiment_id: str, fingerprint: str, checkpoint: Path
 ) -> tuple[Run | None, Path | None]:
     """What an earlier run of the same config left: (its run, its checkpoint path).
 
     A FINISHED run comes back without a path (skip it); a KILLED, FAILED or dead RUNNING
-    one with a checkpoint file comes back with it (resume it); anything else means a fresh
-    run. A living RUNNING one is an error: the config is being trained right now.
+    one comes back with `checkpoint` (see checkpoint_path) if that file exists (resume it);
+    anything else means a fresh run. A living RUNNING one is an error: the config is being
+    trained right now.
     """
     previous = previous_run(client, experiment_id, fingerprint)
     if previous is None or previous.info.status == "FINISHED":
@@ -388,7 +436,6 @@ def resume_point(
                 "trainer.resume=false to train it again in a new run"
             )
         client.set_terminated(previous.info.run_id, "KILLED")  # never RUNNING forever
-    checkpoint = Path(tags.get(CHECKPOINT_TAG, ""))
-    if not checkpoint.is_absolute() or not checkpoint.is_file():
+    if not checkpoint.is_file():
         return None, None
     return previous, checkpoint

@@ -71,10 +71,25 @@ def sweep_key(config: DictConfig) -> str:
     not where or how their jobs run (hydra.*, threads, the store)."""
     effective = {override_key(o): o for o in config.hydra.overrides.task}
     kept = sorted(
-        o for k, o in effective.items() if not k.startswith("hydra") and affects_result(k)
+        same_in_any_order(o)
+        for k, o in effective.items()
+        if not k.startswith("hydra") and affects_result(k)
     )
     base = {k: v for k, v in OmegaConf.to_container(config).items() if k != "hydra"}
     return " ".join([config.mlflow.experiment_name, config_hash(base), *kept])
+
+
+def same_in_any_order(override: str) -> str:
+    """A choice sweep with its values sorted (`seed=1,0` -> `seed=0,1`): the same jobs,
+    so the same sweep; any other override as it is."""
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+    except Exception:  # Hydra rejects it itself before any job runs
+        return override
+    if not parsed.is_choice_sweep():
+        return override
+    values = ",".join(sorted(parsed.sweep_string_iterator()))
+    return f"{override.split('=', 1)[0]}={values}"
 
 
 def expected_jobs(config: DictConfig) -> int | None:
@@ -114,6 +129,8 @@ class SweepTracking(Callback):
     def __init__(self) -> None:
         # (tracking URI, run id): plain strings, as launchers pickle callbacks to workers.
         self.parent: tuple[str, str] | None = None
+        # Where the comparison's files go: this process's own config, never a tag.
+        self.sweep_dir: Path | None = None
         self.interrupted = False
 
     @staticmethod
@@ -128,7 +145,7 @@ class SweepTracking(Callback):
                 experiment = experiment_id(client, config.mlflow.experiment_name)
         except (GpoolError, MlflowException) as err:
             raise SystemExit(f"gpool: {err}") from None
-        mark_dead_runs_killed(client, experiment)
+        mark_dead_runs_killed(client)
         return client, experiment
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -160,6 +177,7 @@ class SweepTracking(Callback):
             run_id = client.create_run(experiment, run_name=name, tags=tags).info.run_id
             log.info("MLflow sweep run %s: %s", run_id, overrides)
         self.parent = (client.tracking_uri, run_id)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
         os.environ[PARENT_RUN_ENV] = run_id
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
@@ -173,11 +191,10 @@ class SweepTracking(Callback):
         self.close_parent(completed=True)
 
     @staticmethod
-    def state_the_verdict(client: MlflowClient, run_id: str) -> None:
+    def state_the_verdict(client: MlflowClient, run_id: str, out: Path) -> None:
         """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
-        the files go to the sweep folder's `comparison/`) and print it; a sweep without any
-        finished job has nothing to state."""
-        out = Path(client.get_run(run_id).data.tags["sweep_dir"]) / "comparison"
+        the files go to `out`) and print it; a sweep without any finished job has nothing to
+        state."""
         try:
             comparison, pointer = publish_comparison(client, run_id, out)
         except (GpoolError, MlflowException) as err:
@@ -202,8 +219,6 @@ class SweepTracking(Callback):
                 if job.info.status == "RUNNING" and not alive_at(job, deadline):
                     client.set_terminated(job.info.run_id, "KILLED")
             jobs = sweep_jobs(client, client.get_run(run_id))
-        if not self.interrupted:
-            self.state_the_verdict(client, run_id)
         statuses = {job.info.status for job in jobs}
         if completed and statuses <= {"FINISHED"}:
             status = "FINISHED"
@@ -211,6 +226,9 @@ class SweepTracking(Callback):
             status = "KILLED"
         else:
             status = "FAILED"
+        if completed or status != "KILLED":  # a stopped sweep is not over: no verdict yet
+            assert self.sweep_dir is not None
+            self.state_the_verdict(client, run_id, self.sweep_dir / "comparison")
         client.set_terminated(run_id, status)
 
 

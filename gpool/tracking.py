@@ -66,7 +66,16 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 #: user:password@ in a URI (a tracking server's basic auth, a database password), also as
 #: Hydra escapes it in a job's overrides (`http\://user\:password@host`).
-USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://)[^/\s@]+@")
+#: Up to the last `@` before the host: a password may hold a raw `@`, which urllib and
+#: requests accept (they split the userinfo off at the last one).
+USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://)[^/\s]+@")
+#: MLflow's HTTP client waits 120 s a request and retries 7 times (minutes on a server that
+#: accepts connections but never answers); gpool bounds each call, unless the user chose:
+#: 20 s a request, 5 retries (2+4+8+16+32 s of back-off: a server restarted within a
+#: minute loses nothing).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -96,21 +105,27 @@ def store_uri(tracking_uri: str) -> str:
 
 
 def check_reachable(tracking_uri: str) -> None:
-    """Fail fast with one message when a tracking server does not answer; MLflow's own
-    client would retry for minutes first. Credentials in the URI go in a header."""
+    """Fail fast with one message when a tracking server does not answer MLflow's API (its
+    `/health` answers even when its database is gone, so the check asks the API itself);
+    MLflow's own client would retry for minutes first. Credentials go in a header."""
     parsed = urlparse(tracking_uri)
     if parsed.scheme not in ("http", "https"):
         return
     url = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
-    request = urllib.request.Request(f"{url.rstrip('/')}/health")
+    api = "api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(f"{url.rstrip('/')}/{api}")
     if parsed.username is not None:
         secret = f"{unquote(parsed.username)}:{unquote(parsed.password or '')}"
         request.add_header("Authorization", f"Basic {base64.b64encode(secret.encode()).decode()}")
     try:
-        urllib.request.urlopen(request, timeout=10)
-    except OSError as err:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            if not isinstance(json.load(answer), dict):  # what an MLflow server answers
+                raise ValueError("not an MLflow API answer")
+    except (OSError, ValueError) as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
         raise GpoolError(
-            f"MLflow tracking server {url} is unreachable ({err}); start it "
+            f"MLflow tracking server {url} is unreachable or does not answer MLflow's API "
+            f"({reason}); start it "
             "(`mlflow server --host 127.0.0.1 --port PORT ...`) or point "
             "mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere"
         ) from None
@@ -293,6 +308,15 @@ class Tracker:
         metrics += [Metric("train_step_loss", v, now, step) for step, v in result.step_losses]
         for batch in chunks(metrics, MAX_METRICS_PER_BATCH):
             self._call(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_missing_epochs(self, history: Iterable[EpochResult]) -> None:
+        """Log the epochs of `history` that the run has no val_acc for: a run stopped
+        after its checkpoint was written but before the epoch was logged."""
+        history_of = self.client.get_metric_history
+        logged = {m.step for m in self._call(history_of, self.run_id, "val_acc")}
+        for result in history:
+            if result.epoch not in logged:
+                self.log_epoch(result)
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for path in paths:

@@ -35,6 +35,7 @@ from gpool.resume import (
     CHECKPOINT_TAG,
     HASH_TAG,
     StopOnSignal,
+    checkpoint_path,
     claim,
     config_hash,
     load_checkpoint,
@@ -70,8 +71,13 @@ class Job:
         return config_hash(self.config)
 
     @property
-    def checkpoint(self) -> Path:
-        return Path(self.hydra.runtime.output_dir) / "checkpoint.pt"
+    def output_dir(self) -> Path:
+        return Path(self.hydra.runtime.output_dir)
+
+    def checkpoint(self, tracking_uri: str, experiment: str) -> Path:
+        """Where this job's run keeps the checkpoint it resumes from (see checkpoint_path)."""
+        root = Path(self.cfg.checkpoint_dir)
+        return checkpoint_path(root, tracking_uri, experiment, self.fingerprint)
 
     @property
     def run_name(self) -> str:
@@ -87,10 +93,12 @@ class Job:
         resume: Run | None,
         group: Mapping[str, str],
     ) -> Tracker:
-        """This job's run, new or resumed; `group` tags name the fused group it trains in."""
+        """This job's run, new or resumed; `group` tags say how it trains (device, threads,
+        the fused group)."""
         overrides = list(self.hydra.overrides.task)
         tags = tags_for(dict(self.hydra.runtime.choices), self.cfg.seed, overrides)
-        tags.update({HASH_TAG: self.fingerprint, CHECKPOINT_TAG: str(self.checkpoint), **group})
+        checkpoint = self.checkpoint(client.tracking_uri, experiment)
+        tags.update({HASH_TAG: self.fingerprint, CHECKPOINT_TAG: str(checkpoint), **group})
         resume_id = resume.info.run_id if resume is not None else None
         system_metrics = self.cfg.mlflow.system_metrics
         return Tracker(
@@ -128,7 +136,7 @@ def log_diagnostics(
     """What every run keeps besides metrics: weights (a state_dict and an MLflow model),
     curves, the class maps that enter the pool for one fixed validation image per class,
     and the validation confusion matrix."""
-    job_dir = job.checkpoint.parent
+    job_dir = job.output_dir
     torch.save(model.state_dict(), job_dir / "model.pt")
     matrix = confusion_matrix(
         trainer.predict(model, data, data.val), data.val.labels, len(data.classes)
@@ -155,7 +163,7 @@ def plot_maps(model: nn.Module, data: ImageData, job: Job) -> Path:
     """class_maps.png in the job's folder: the maps that enter the pool for one fixed
     validation image per class, with true and predicted classes."""
     images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
-    path = job.checkpoint.parent / "class_maps.png"
+    path = job.output_dir / "class_maps.png"
     return plot_class_maps(images, maps, labels.tolist(), predicted.tolist(), data.classes, path)
 
 
@@ -201,8 +209,11 @@ def plan(
     skipped: dict[int, float] = {}
     todo: list[tuple[int, Resumed]] = []
     for i, job in enumerate(jobs):
+        checkpoint = job.checkpoint(client.tracking_uri, experiment)
         run, path = (
-            resume_point(client, experiment, job.fingerprint) if trainer.resume else (None, None)
+            resume_point(client, experiment, job.fingerprint, checkpoint)
+            if trainer.resume
+            else (None, None)
         )
         if run is not None and path is None:
             skipped[i] = job.skip(client, run)
@@ -223,9 +234,12 @@ def train_group(jobs: list[Job], trainer: Trainer) -> list[float | GpoolError]:
     cfg = jobs[0].cfg
     client, experiment = open_experiment(cfg)
     results: dict[int, float | GpoolError] = {}
-    with StopOnSignal() as stop, ExitStack() as claims:
-        for fingerprint in sorted({job.fingerprint for job in jobs}):
-            claims.enter_context(claim(client.tracking_uri, experiment, fingerprint))
+    with StopOnSignal() as stop, ExitStack() as held:
+        claims = {fingerprint: ExitStack() for fingerprint in sorted({j.fingerprint for j in jobs})}
+        for fingerprint, stack in claims.items():
+            held.enter_context(stack).enter_context(
+                claim(client.tracking_uri, experiment, fingerprint)
+            )
         skipped, todo = plan(jobs, client, experiment, trainer)
         results.update(skipped)
         if not todo:
@@ -249,16 +263,20 @@ def train_members(
     client: MlflowClient,
     experiment: str,
     stop: StopOnSignal,
-    claims: ExitStack,
+    claims: Mapping[str, ExitStack],
 ) -> list[float | GpoolError]:
-    """Train members that resume from the same epoch as one model; release the claims once
-    their runs exist. Each run ends FINISHED, FAILED (its own NaN) or KILLED (a stop)."""
+    """Train members that resume from the same epoch as one model; release their claims
+    once their runs exist (those of members that train later stay held until theirs do).
+    Each run ends FINISHED, FAILED (its own NaN) or KILLED (a stop)."""
     jobs = [m.job for m in members]
-    names, group = None, {}
+    # How the runs were trained: bit for bit reproducible only on the same device, thread
+    # count and fused group; across them only statistically the same (README, Guarantees).
+    names = None
+    group = {"gpool.device": str(trainer.device), "gpool.threads": str(torch.get_num_threads())}
     if len(jobs) > 1:
         names = [job.run_name for job in jobs]
         key = hashlib.sha256(" ".join(sorted(j.fingerprint for j in jobs)).encode()).hexdigest()
-        group = {"gpool.fused_group": key[:16], "gpool.fused_size": str(len(jobs))}
+        group.update({"gpool.fused_group": key[:16], "gpool.fused_size": str(len(jobs))})
     state = start(trainer, data, [job.cfg for job in jobs], names)
     if members[0].checkpoint is not None:
         restore([m.checkpoint for m in members], state)
@@ -266,7 +284,8 @@ def train_members(
     with ExitStack() as open_runs:
         trackers = [m.job.tracker(client, experiment, m.run, group) for m in members]
         runs = [open_runs.enter_context(tracker) for tracker in trackers]
-        claims.close()  # the runs are RUNNING now: a second command sees them
+        for job in jobs:  # their runs are RUNNING now: a second command sees them
+            claims[job.fingerprint].close()
         failed: dict[int, GpoolError] = {}
 
         def fail(n: int, error: GpoolError) -> None:
@@ -286,21 +305,27 @@ def train_runs(
     stop: StopOnSignal,
     fail: Callable[[int, GpoolError], None],
 ) -> None:
-    """Train the runs to their last epoch, logging and checkpointing each after every
-    epoch (into its job's own folder), then log what each learned."""
+    """Train the runs to their last epoch, checkpointing then logging each after every
+    epoch, then log what each learned. A resumed run first logs the epochs its checkpoint
+    holds but MLflow does not (stopped between the two): each epoch is logged once."""
     metas = [{"mlflow_run_id": r.run_id, "config_hash": r.tags[HASH_TAG]} for r in runs]
+    paths = [
+        job.checkpoint(run.client.tracking_uri, run.experiment_id)
+        for run, job in zip(runs, jobs, strict=True)
+    ]
     splits = data.splits()
     for n, (run, job) in enumerate(zip(runs, jobs, strict=True)):
-        if state.members[n].history:  # resumed: its own folder holds the state it continues
-            save_checkpoint(job.checkpoint, state, n, metas[n])
+        link_checkpoint(job.output_dir, paths[n])
+        if state.members[n].history:
+            run.log_missing_epochs(state.members[n].history)
         run.log_datasets(job.hydra.runtime.choices.dataset, splits)
         run.log_text(OmegaConf.to_yaml(job.cfg, resolve=True), "config.yaml")
-        for path in sorted((job.checkpoint.parent / ".hydra").glob("*.yaml")):
+        for path in sorted((job.output_dir / ".hydra").glob("*.yaml")):
             run.log_text(path.read_text(), f"hydra/{path.name}")
 
     def after_epoch(n: int, result: EpochResult) -> None:
+        save_checkpoint(paths[n], state, n, metas[n])
         runs[n].log_epoch(result)
-        save_checkpoint(jobs[n].checkpoint, state, n, metas[n])
         every = jobs[n].cfg.mlflow.class_maps_every_n_epochs
         if every and result.epoch % every == 0:  # the UI's image slider shows them forming
             model = member_network(state, n, jobs[n].cfg, trainer)
@@ -315,6 +340,15 @@ def train_runs(
         model = member_network(state, n, jobs[n].cfg, trainer)
         log_diagnostics(runs[n], trainer, model, member, data, jobs[n])
         stop.check("while the final artifacts were logged")
+
+
+def link_checkpoint(output_dir: Path, checkpoint: Path) -> None:
+    """A link to the run's checkpoint in the job's output folder, where users look for it;
+    gpool itself never reads through it."""
+    link = output_dir / "checkpoint.pt"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(checkpoint)
 
 
 def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:

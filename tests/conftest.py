@@ -164,6 +164,7 @@ def run_gpool(
         args.append("-m")
     args += [
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"checkpoint_dir={tmp_path}/checkpoints",
         f"hydra.run.dir={tmp_path}/single",
         f"hydra.sweep.dir={tmp_path}/multirun",
         "trainer.log_every_n_steps=2",
@@ -190,7 +191,11 @@ def start_gpool(
     it goes on."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpool.train", *(["-m"] if multirun else [])]
-        + [f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", *on_generated_data(overrides)],
+        + [
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            f"checkpoint_dir={tmp}/checkpoints",
+            *on_generated_data(overrides),
+        ],
         cwd=tmp,
         env=gpool_env(data),
         text=True,

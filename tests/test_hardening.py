@@ -4,10 +4,13 @@ end in one line with nothing left RUNNING."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,7 @@ from conftest import (
     SHORT,
     all_runs,
     gpool_env,
+    history,
     job_runs,
     make_idx_root,
     mlflow_server,
@@ -34,7 +38,8 @@ from conftest import (
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
-from gpool.resume import CHECKPOINT_TAG
+from gpool import GpoolError
+from gpool.resume import CHECKPOINT_TAG, claim
 
 IS_ROOT = os.geteuid() == 0
 
@@ -87,45 +92,58 @@ class RunsCode:
 
 def finished_run_made_resumable(tmp: Path, data: Path):
     """A FINISHED short run, then marked KILLED, as if stopped after its last epoch: the
-    next identical command resumes it from the file its checkpoint tag names."""
+    next identical command resumes it from its own checkpoint."""
     assert run_gpool(tmp, data, *SHORT).returncode == 0
     (run,) = [r for r in job_runs(tmp) if r.data.tags["pool"] == "avg"]
     store(tmp).set_terminated(run.info.run_id, "KILLED")
     return run
 
 
-def test_a_tag_cannot_make_resume_unpickle_code_or_another_runs_state(
+def test_nothing_in_the_store_chooses_the_checkpoint_a_rerun_resumes_from(
     tmp_path: Path, idx_root: Path
 ) -> None:
-    run = finished_run_made_resumable(tmp_path, idx_root)
+    """The attack: someone who can only reach the store forges a weights-only checkpoint
+    from a run of their own, writes the victim's run id and config hash into it, uploads it
+    as an artifact and points the victim's checkpoint tag at it (or at a pickle that runs
+    code). The victim's rerun resumes from its own checkpoint all the same."""
+    victim = finished_run_made_resumable(tmp_path, idx_root)
+    own = Path(victim.data.tags[CHECKPOINT_TAG])
+    assert own.is_relative_to(tmp_path / "checkpoints")
+    assert (tmp_path / "single" / "checkpoint.pt").resolve() == own
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    assert run_gpool(attacker, idx_root, *SHORT, "trainer.epochs=3", "pool=max").returncode == 0
+    (theirs,) = job_runs(attacker)
+    forged = torch.load(theirs.data.tags[CHECKPOINT_TAG], weights_only=True)
+    forged["meta"] = torch.load(own, weights_only=True)["meta"]
+    torch.save(forged, tmp_path / "forged.pt")
+    store(tmp_path).log_artifact(victim.info.run_id, str(tmp_path / "forged.pt"))
+    uploaded = store(tmp_path).get_run(victim.info.run_id).info.artifact_uri
+    store(tmp_path).set_tag(victim.info.run_id, CHECKPOINT_TAG, f"{uploaded}/forged.pt"[7:])
+    proc = run_gpool(tmp_path, idx_root, *SHORT)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 2" in proc.stdout and "epoch 3" not in proc.stdout
+    assert store(tmp_path).get_run(victim.info.run_id).info.status == "FINISHED"
+
+    store(tmp_path).set_terminated(victim.info.run_id, "KILLED")
     marker = tmp_path / "pwned"
-    crafted = tmp_path / "crafted.pt"
-    torch.save({"meta": RunsCode(marker), "model": {}}, crafted)
-    store(tmp_path).set_tag(run.info.run_id, CHECKPOINT_TAG, str(crafted))
+    torch.save({"meta": RunsCode(marker), "model": {}}, tmp_path / "crafted.pt")
+    store(tmp_path).set_tag(victim.info.run_id, CHECKPOINT_TAG, str(tmp_path / "crafted.pt"))
     proc = run_gpool(tmp_path, idx_root, *SHORT)
-    one_clear_line(proc, f"checkpoint {crafted} cannot be read")
-    assert "trainer.resume=false" in proc.stderr
-    assert not marker.exists(), "unpickling the tagged file ran its code"
+    assert proc.returncode == 0 and "resuming after epoch 2" in proc.stdout, proc.stderr
+    assert not marker.exists()
 
-    # A genuine gpool checkpoint, but another run's: refused too.
-    other_dir = f"hydra.run.dir={tmp_path}/other"
-    assert run_gpool(tmp_path, idx_root, *SHORT, "pool=max", other_dir).returncode == 0
-    other = next(r for r in job_runs(tmp_path) if r.data.tags["pool"] == "max")
-    store(tmp_path).set_tag(run.info.run_id, CHECKPOINT_TAG, other.data.tags[CHECKPOINT_TAG])
-    one_clear_line(run_gpool(tmp_path, idx_root, *SHORT), f"records run {other.info.run_id}")
-
-    # A truncated checkpoint: one line that says how to go on, and that way works.
-    own = Path(run.data.tags[CHECKPOINT_TAG])
+    # Its own checkpoint truncated: one line that says how to go on, and that way works.
+    store(tmp_path).set_terminated(victim.info.run_id, "KILLED")
     own.write_bytes(own.read_bytes()[:500])
-    store(tmp_path).set_tag(run.info.run_id, CHECKPOINT_TAG, str(own))
     proc = run_gpool(tmp_path, idx_root, *SHORT)
-    one_clear_line(proc, "cannot be read")
+    one_clear_line(proc, f"checkpoint {own} cannot be read")
     assert "trainer.resume=false" in proc.stderr
     assert run_gpool(tmp_path, idx_root, *SHORT, "trainer.resume=false").returncode == 0
     assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
 
 
-def test_a_resumed_run_continues_from_its_own_folder_and_drops_an_old_failure(
+def test_a_resumed_run_continues_from_its_own_checkpoint_and_drops_an_old_failure(
     tmp_path: Path, idx_root: Path
 ) -> None:
     run = finished_run_made_resumable(tmp_path, idx_root)
@@ -136,9 +154,58 @@ def test_a_resumed_run_continues_from_its_own_folder_and_drops_an_old_failure(
     assert "resuming after epoch 2" in proc.stdout
     resumed = store(tmp_path).get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED" and "failure" not in resumed.data.tags
-    assert resumed.data.tags[CHECKPOINT_TAG] == str(tmp_path / "again" / "checkpoint.pt")
-    state = torch.load(tmp_path / "again" / "checkpoint.pt", weights_only=True)
+    own = Path(run.data.tags[CHECKPOINT_TAG])
+    assert resumed.data.tags[CHECKPOINT_TAG] == str(own)
+    assert (tmp_path / "again" / "checkpoint.pt").resolve() == own
+    state = torch.load(own, weights_only=True)
     assert state["meta"]["mlflow_run_id"] == run.info.run_id and state["epoch"] == 2
+
+
+def test_an_epoch_checkpointed_but_not_logged_is_logged_once_on_resume(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    """Stopped (SIGKILL, a full disk) between writing an epoch's checkpoint and logging its
+    metrics: that store state, made for real by removing the last epoch's rows. The rerun
+    logs it from the checkpoint, once; it trains nothing again."""
+    run = finished_run_made_resumable(tmp_path, idx_root)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 2", (run.info.run_id,))
+    assert [s for s, _ in history(tmp_path, run.info.run_id, "val_acc")] == [1]
+    proc = run_gpool(tmp_path, idx_root, *SHORT)
+    assert proc.returncode == 0 and "resuming after epoch 2" in proc.stdout, proc.stderr
+    steps = [s for s, _ in history(tmp_path, run.info.run_id, "val_acc")]
+    assert steps == [1, 2]
+    own = torch.load(run.data.tags[CHECKPOINT_TAG], weights_only=True)
+    logged = dict(history(tmp_path, run.info.run_id, "val_acc"))
+    assert logged[2] == own["history"][1]["val_acc"]
+
+
+def test_the_claims_folder_must_be_the_users_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another local user who makes /tmp/gpool-claims-<uid> first, or plants a link to one
+    of the victim's files in it, gets one clear refusal: no file truncated, no hang."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"gpool-claims-{os.getuid()}"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)  # past the umask: open to everyone
+    with pytest.raises(GpoolError, match="not a folder of this user's alone"), claim("x"):
+        pass
+    folder.chmod(0o700)
+    victim = tmp_path / "thesis.tex"
+    victim.write_text("years of work")
+    key = hashlib.sha256(b"x").hexdigest()[:32]
+    (folder / f"{key}.lock").symlink_to(victim)
+    with pytest.raises(GpoolError, match="cannot open the claim"), claim("x"):
+        pass
+    assert victim.read_text() == "years of work"
+    (folder / f"{key}.lock").unlink()
+    with claim("x"):  # and a folder of one's own works
+        assert (folder / f"{key}.lock").is_file()
+    if IS_ROOT:  # made by another uid: refused even with a private mode
+        os.chown(folder, 65534, 65534)
+        with pytest.raises(GpoolError, match="owner uid 65534"), claim("x"):
+            pass
 
 
 def test_credentials_in_the_tracking_uri_are_used_but_never_logged(
@@ -305,7 +372,7 @@ def test_sigterm_while_loading_or_logging_ends_in_one_line_and_no_running_run(
 
 def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: Path) -> None:
     args = [sys.executable, "-m", "gpool.train", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
-    args += [GENERATED, *SHORT]
+    args += [GENERATED, *SHORT, f"checkpoint_dir={tmp_path}/checkpoints"]
     procs = [
         subprocess.Popen(
             [*args, f"hydra.run.dir={tmp_path}/run{i}"],
@@ -365,11 +432,14 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_leaves_no_partial_fil
     tmp_path: Path, idx_root: Path
 ) -> None:
     with tmpfs(tmp_path / "small", "120k") as small:
-        proc = run_gpool(tmp_path, idx_root, *SHORT, f"hydra.run.dir={small}/run")
-        one_clear_line(proc, f"cannot write the checkpoint {small}/run/checkpoint.pt")
+        proc = run_gpool(tmp_path, idx_root, *SHORT, f"checkpoint_dir={small}/checkpoints")
+        one_clear_line(proc, f"cannot write the checkpoint {small}/checkpoints/")
         assert not list(small.rglob("*.tmp"))
     (run,) = job_runs(tmp_path)
     assert run.info.status == "FAILED" and "CheckpointError" in run.data.tags["failure"]
+    # The epoch whose checkpoint could not be written was not logged either: no epoch is
+    # logged twice when the run is trained again.
+    assert history(tmp_path, run.info.run_id, "val_acc") == []
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs read-only")
