@@ -12,13 +12,14 @@ from omegaconf import OmegaConf
 
 import gpool
 from gpool import GpoolError
-from gpool.config import CONF_DIR, GROUPS
+from gpool.config import CONF_DIR, GROUPS, check_values
 from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
 from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
 from gpool.resume import config_hash
+from gpool.sweep import sweep_key
 
 
 def test_defaults_are_the_articles_network_and_optimiser() -> None:
@@ -206,3 +207,23 @@ def test_outputs_and_store_default_into_the_project(monkeypatch: pytest.MonkeyPa
     assert cfg.data_dir == "/somewhere/data"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert make_cfg().mlflow.tracking_uri == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "inf"])
+def test_a_one_cycle_peak_that_is_no_learning_rate_is_refused(value: str) -> None:
+    """max_lr=-1 once trained to a loss of 6.8e16 and FINISHED."""
+    cfg = make_cfg("scheduler=onecycle", f"scheduler.lr_scheduler.max_lr={value}")
+    with pytest.raises(GpoolError, match="scheduler.lr_scheduler.max_lr must be a number > 0"):
+        check_values(cfg)
+    check_values(make_cfg("scheduler=onecycle"))
+
+
+def test_the_same_sweep_in_another_order_is_the_same_sweep() -> None:
+    def key(*overrides: str) -> str:
+        cfg = make_cfg(hydra=True)
+        cfg.hydra.overrides.task = list(overrides)
+        return sweep_key(cfg)
+
+    assert key("seed=1,0", "pool=max,avg") == key("pool=avg,max", "seed=0,1")
+    assert key("seed=0,1", "pool=avg,max") != key("seed=0,1,2", "pool=avg,max")
+    assert key("seed=0") != key("seed=1")

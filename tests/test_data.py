@@ -5,15 +5,19 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEBIAN_DIR, FILES, write_image_folder, write_split
 from hydra.utils import instantiate
+from PIL import Image
 from torchvision.datasets import FashionMNIST
 
+from gpool.config import build
 from gpool.config import compose_config as make_cfg
 from gpool.data import DataError, TorchvisionImages, check_idx
 
@@ -249,3 +253,68 @@ def test_a_killed_decompression_leaves_no_partial_file_behind(
     stale.write_bytes(b"x" * 1000)
     fashion(tmp_path / "cache", offline_dir).load("cpu")
     assert not stale.exists() and not list(raw.glob("*.part*"))
+
+
+def test_a_content_change_with_the_old_mtime_put_back_is_verified_again(
+    tmp_path: Path, offline_dir: Path, no_download: None
+) -> None:
+    """`cp -p` and `tar` restore a file's modification time: the cache must still notice."""
+    root = tmp_path / "cache"
+    fashion(root, offline_dir).load("cpu")
+    labels = root / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    before = labels.stat()
+    payload = bytearray(labels.read_bytes())
+    payload[-1] = (payload[-1] + 1) % 10  # one label changed, still a valid class
+    labels.write_bytes(bytes(payload))
+    os.utime(labels, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert labels.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte has md5"):
+        fashion(root, offline_dir).load("cpu")
+
+
+def image_folder(root: Path, *overrides: str):
+    cfg = make_cfg(
+        "dataset=image_folder", f"dataset.root={root}", "dataset.num_classes=2", *overrides
+    )
+    return build(cfg.dataset)
+
+
+def test_a_folder_link_that_repeats_images_is_refused(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"ash": 40, "birch": 120})
+    (tmp_path / "train" / "ash" / "loop").symlink_to(tmp_path / "train" / "ash")
+    with pytest.raises(DataError, match="a folder link inside the data repeats images"):
+        image_folder(tmp_path).load("cpu")
+
+
+def test_16_bit_greyscale_pngs_are_scaled_not_clipped(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"ash": 40, "birch": 120})
+    for split, n in (("train", 6), ("val", 3)):
+        for i in range(n):
+            wide = np.full((32, 32), 100 * 257, dtype=np.uint16)  # 100 of 255, in 16 bits
+            Image.fromarray(wide).save(tmp_path / split / "ash" / f"{i}.png")
+    data = image_folder(tmp_path, "dataset.channels=1", "dataset.mean=[0.5]", "dataset.std=[0.25]")
+    assert data.load("cpu").train.images[0].unique().tolist() == [100]
+
+
+def test_a_decompression_bomb_is_one_data_error(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"ash": 40, "birch": 120})
+    side = int((Image.MAX_IMAGE_PIXELS * 2.2) ** 0.5)  # past PIL's limit: it refuses to decode
+    Image.new("1", (side, side)).save(tmp_path / "train" / "ash" / "bomb.png")
+    with pytest.raises(DataError, match="bomb.png is not a readable image"):
+        image_folder(tmp_path).load("cpu")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("dataset.image_size=0",), "dataset.image_size must be a whole number >= 8"),
+        (("dataset.image_size=1",), "dataset.image_size must be a whole number >= 8"),
+        (("dataset.channels=2",), "dataset.channels must be 1 .* or 3"),
+        (("dataset.mean=[0.5, 0.5]",), "dataset.mean has 2 values for dataset.channels=3"),
+    ],
+)
+def test_image_settings_no_run_can_use_are_refused(
+    tmp_path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(DataError, match=message):
+        image_folder(tmp_path, *overrides)

@@ -5,12 +5,14 @@ end in one line with nothing left RUNNING."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +39,11 @@ from conftest import (
 )
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from gpool import GpoolError
 from gpool.resume import CHECKPOINT_TAG, claim
+from gpool.tracking import redact
 
 IS_ROOT = os.geteuid() == 0
 
@@ -261,11 +265,27 @@ def test_an_interrupted_sweep_rerun_is_one_sweep_compared_whole(
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert sorted(r.info.status for r in job_runs(tmp_path)) == ["FINISHED", "KILLED"]
-    proc = run_gpool(tmp_path, big_root, "pool=avg,max", *LONG, multirun=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "skipping pool=avg seed=0" in proc.stdout and "resuming after epoch" in proc.stdout
+    (stopped,) = sweep_runs(tmp_path)  # not over: no verdict on it, no comparison files
+    assert stopped.info.status == "KILLED" and MLFLOW_RUN_NOTE not in stopped.data.tags
+    assert not (tmp_path / "multirun" / "comparison").exists()
+    proc = start_gpool(
+        tmp_path,
+        big_root,
+        f"hydra.sweep.dir={tmp_path}/rerun",
+        "pool=avg,max",
+        *LONG,
+        output="resuming after epoch",
+        multirun=True,
+    )
+    # Someone who can write the store points the sweep at a folder of their choosing.
+    store(tmp_path).set_tag(stopped.info.run_id, "sweep_dir", str(tmp_path / "elsewhere"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert len(job_runs(tmp_path)) == 2  # the finished job was skipped, the other resumed
+    assert not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "rerun" / "comparison" / "comparison.md").is_file()
     (sweep,) = sweep_runs(tmp_path)
-    assert sweep.info.status == "FINISHED"
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["sweep_dir"].endswith("elsewhere")
     result = compare(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "2 finished runs from sweep" in result.stdout
@@ -332,7 +352,8 @@ def test_sigkill_of_the_launcher_leaves_no_worker_and_nothing_running(
     proc.communicate(timeout=10)  # nothing holds its output open any more
     if parallel:  # the workers noticed and ended their own runs
         assert {r.info.status for r in job_runs(tmp_path)} == {"KILLED"}
-    assert run_gpool(tmp_path, idx_root, *SHORT).returncode == 0  # the next command tidies
+    # The next command on the same store tidies, in whichever experiment it runs.
+    assert run_gpool(tmp_path, idx_root, *SHORT, "mlflow.experiment_name=other").returncode == 0
     assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
     assert sweep_runs(tmp_path)[0].info.status == "KILLED"
 
@@ -494,3 +515,56 @@ def test_a_relative_sqlite_uri_keeps_database_and_artifacts_together(tmp_path: P
     (run,) = client.search_runs([experiment.experiment_id])
     assert (tmp_path / "rel" / "mlartifacts" / run.info.run_id / "artifacts" / "model.pt").is_file()
     assert run.info.status == "FINISHED"
+
+
+def test_a_password_holding_at_signs_is_redacted_whole() -> None:
+    """urllib and requests split the userinfo off at the last @: so must redaction."""
+    assert redact("uri http://alice:top@s3cretPW@host:5000/x y") == "uri http://host:5000/x y"
+    assert redact(r"mlflow.tracking_uri=http\://alice\:top@s3cretPW@host") == (
+        r"mlflow.tracking_uri=http\://host"
+    )
+    assert redact("sqlite:////tmp/a@b/mlflow.db and mail bob@example.org") == (
+        "sqlite:////tmp/a@b/mlflow.db and mail bob@example.org"
+    )
+
+
+class HealthyLooking(http.server.BaseHTTPRequestHandler):
+    """A server whose /health answers but whose API never does (MLflow's own /health does
+    not touch the database), or that is some other web server (a 404 page)."""
+
+    hang = True
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            body, status = b"OK", 200
+        elif self.hang:
+            time.sleep(90)
+            return
+        else:
+            body, status = b"<html><body>404 Not Found</body></html>", 404
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hang", [True, False], ids=["api-hangs", "not-mlflow"])
+def test_a_server_that_does_not_answer_mlflows_api_is_one_line_in_seconds(
+    tmp_path: Path, idx_root: Path, hang: bool
+) -> None:
+    handler = type("Handler", (HealthyLooking,), {"hang": hang})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        start = time.monotonic()
+        one_clear_line(compare(tmp_path, uri=uri), "does not answer MLflow's API")
+        proc = run_gpool(tmp_path, idx_root, *SHORT, f"mlflow.tracking_uri={uri}")
+        one_clear_line(proc, "does not answer MLflow's API")
+        assert time.monotonic() - start < 90  # was: still waiting after minutes
+    finally:
+        server.shutdown()

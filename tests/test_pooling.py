@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from gpool import GpoolError
 from gpool.pooling import (
     AttentionPool,
     GeMPool,
@@ -67,3 +69,14 @@ def test_gradients_reach_p_r_and_the_attention_scores() -> None:
         head(X.abs() + 0.1).sum().backward()
         grad = dict(head.named_parameters())[param].grad
         assert grad is not None and grad.abs().sum() > 0, param
+
+
+def test_lse_takes_any_positive_sharpness_and_refuses_the_rest() -> None:
+    x = torch.randn(2, 3, 5, 5)
+    sharp = LSEPool(r=1000.0)  # once "math range error" from Hydra, with no hint
+    assert torch.allclose(sharp(x), x.amax((2, 3)), atol=0.01)
+    for r in (0.0, -1.0, float("inf")):
+        with pytest.raises(GpoolError, match="pool.r must be a number > 0"):
+            LSEPool(r=r)
+    with pytest.raises(GpoolError, match="pool.p must be a number > 0"):
+        GeMPool(p=0.0)
