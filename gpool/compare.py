@@ -30,11 +30,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
-from scipy import stats
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestIndPower, TTestPower
+from scipy.stats import t as student_t
 
-from gpool import PROJECT_ROOT, GpoolError
+from gpool import PROJECT_ROOT, GpoolError, stats
 from gpool.config import GROUPS, compose_config
 from gpool.plots import plot_group_curves
 from gpool.resume import affects_result, one_per_config
@@ -44,6 +42,8 @@ from gpool.ui import share_comparison, ui_pointer
 ALPHA = 0.05
 #: The power at which the detectable difference and the seeds needed are stated.
 POWER = 0.8
+#: The practical margin (points of accuracy) within which two heads count as equivalent.
+MARGIN = 0.5
 
 
 @dataclass
@@ -101,7 +101,7 @@ def mean_std_ci(values: np.ndarray) -> tuple[float, float, float]:
     if n < 2:
         return float(values.mean()), math.nan, math.nan
     std = float(values.std(ddof=1))
-    return float(values.mean()), std, float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+    return float(values.mean()), std, float(student_t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
 @dataclass
@@ -127,60 +127,28 @@ class Pair:
     def test(self) -> str:
         return "paired t" if self.paired else "Welch"
 
-    def t_test(self) -> tuple[float, float]:
-        """t statistic and two-sided p-value; NaN when a side has < 2 runs."""
-        if len(self.a) < 2 or len(self.b) < 2:
-            return math.nan, math.nan
-        if self.paired:
-            result = stats.ttest_rel(self.a, self.b)
-        else:
-            result = stats.ttest_ind(self.a, self.b, equal_var=False)
-        return float(result.statistic), float(result.pvalue)
+    def points(self) -> stats.Difference:
+        """A - B in points of accuracy, with its standard error."""
+        return stats.difference(self.a * 100, self.b * 100, self.paired)
 
     def spread(self) -> float:
-        """The std the power analysis scales by: of the per-seed differences when paired,
-        else the pooled std of the two groups."""
+        """The std (points) the power analysis scales by: of the per-seed differences when
+        paired, else the pooled std of the two groups."""
+        if min(len(self.a), len(self.b)) < 2:
+            return math.nan
         if self.paired:
-            return float(np.std(self.a - self.b, ddof=1))
+            return float(np.std(self.a - self.b, ddof=1)) * 100
         n_a, n_b = len(self.a), len(self.b)
         pooled = (n_a - 1) * np.var(self.a, ddof=1) + (n_b - 1) * np.var(self.b, ddof=1)
-        return float(math.sqrt(pooled / (n_a + n_b - 2)))
+        return float(math.sqrt(pooled / (n_a + n_b - 2))) * 100
 
     def detectable(self) -> float:
-        """The smallest difference (points of accuracy) this many seeds detect with POWER at
-        ALPHA, given the observed spread (NaN with < 2 runs a side or no spread)."""
-        if min(len(self.a), len(self.b)) < 2 or not self.spread() > 0:
-            return math.nan
-        if self.paired:
-            effect = TTestPower().solve_power(nobs=len(self.a), alpha=ALPHA, power=POWER)
-        else:
-            effect = TTestIndPower().solve_power(
-                nobs1=len(self.a), ratio=len(self.b) / len(self.a), alpha=ALPHA, power=POWER
-            )
-        return float(effect) * self.spread() * 100
+        """The smallest difference (points) these seeds detect with POWER at ALPHA."""
+        return stats.detectable(self.spread(), len(self.a), len(self.b), self.paired, ALPHA, POWER)
 
     def seeds_needed(self, points: float) -> float:
-        """Seeds per group to detect a difference of `points` with POWER at ALPHA, given the
-        observed spread (NaN when it cannot be estimated)."""
-        if min(len(self.a), len(self.b)) < 2 or not self.spread() > 0:
-            return math.nan
-        effect = points / 100 / self.spread()
-        if self.paired:
-            n = TTestPower().solve_power(effect_size=effect, alpha=ALPHA, power=POWER)
-        else:
-            n = TTestIndPower().solve_power(effect_size=effect, alpha=ALPHA, power=POWER)
-        return float(math.ceil(n))
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-adjusted p-values (NaN stays NaN): the family is every tested pair."""
-    tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
-    adjusted = [math.nan] * len(p_values)
-    if tested:
-        _, corrected, _, _ = multipletests([p_values[i] for i in tested], method="holm")
-        for i, p in zip(tested, corrected, strict=True):
-            adjusted[i] = float(p)
-    return adjusted
+        """Seeds per group to detect a difference of `points` with POWER at ALPHA."""
+        return stats.seeds_needed(self.spread(), points, self.paired, ALPHA, POWER)
 
 
 def factors(runs: Sequence[Run]) -> list[str]:
@@ -295,56 +263,95 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
     return rows
 
 
-def pairwise_rows(groups: Sequence[Group], detect: float | None = None) -> list[dict]:
-    """Every pair of groups: difference, test, raw and Holm-adjusted p, the detectable
-    difference and, given `detect` points, the seeds a group would need to detect it."""
+def pairwise_rows(
+    groups: Sequence[Group], detect: float | None = None, margin: float = MARGIN
+) -> list[dict]:
+    """Every pair of groups: the difference with its 95 % interval, the test of a
+    difference and TOST's of equivalence within ±`margin` points, both Holm-adjusted over
+    the pairs, the answer (see stats.decide), the detectable difference and the seeds per
+    group that would most likely decide an undecided pair; given `detect` points, also the
+    seeds a group would need to detect that."""
     rows = []
     for a, b in itertools.combinations(groups, 2):
         pair = Pair.of(a, b)
-        t, p = pair.t_test()
+        d = pair.points()
+        low, high = d.interval(1 - ALPHA)
         row = {
             "a": a.name,
             "b": b.name,
-            "diff_points": (pair.a.mean() - pair.b.mean()) * 100,
+            "diff_points": d.diff,
+            "ci95_low": low,
+            "ci95_high": high,
             "test": pair.test,
-            "t": t,
-            "p": p,
+            "t": d.diff / d.se if d.testable else math.nan,
+            "p": d.p_difference(),
+            "p_equivalence": d.p_equivalence(margin),
             "detectable_points": pair.detectable(),
+            "seeds_to_decide": stats.seeds_to_decide(
+                pair.spread(), d.diff, margin, pair.paired, ALPHA, POWER
+            ),
         }
         if detect is not None:
             row["seeds_needed"] = pair.seeds_needed(detect)
         rows.append(row)
-    for row, adjusted in zip(rows, holm([r["p"] for r in rows]), strict=True):
-        row["p_holm"] = adjusted
+    holm_diff = stats.holm([r["p"] for r in rows])
+    holm_equiv = stats.holm([r["p_equivalence"] for r in rows])
+    for row, p_diff, p_equiv in zip(rows, holm_diff, holm_equiv, strict=True):
+        row["p_holm"], row["p_equivalence_holm"] = p_diff, p_equiv
+        interval = (row["ci95_low"], row["ci95_high"])
+        row["answer"] = stats.decide(p_diff, p_equiv, interval, margin, ALPHA)
     return rows
 
 
-def verdict(groups: Sequence[Group], pairs: Sequence[dict]) -> str:
-    """The leader against the runner-up, judged on the Holm-adjusted p-value."""
+def answer_words(row: dict, margin: float) -> str:
+    """A pair's answer in words, as the verdict leads with it."""
+    if row["answer"] in (stats.BETTER, stats.BETTER_WITHIN):
+        winner, loser = (row["a"], row["b"]) if row["diff_points"] > 0 else (row["b"], row["a"])
+        within = ", by less than the margin" if row["answer"] == stats.BETTER_WITHIN else ""
+        return f"{winner} is better than {loser} by {abs(row['diff_points']):.2f} points{within}"
+    if row["answer"] == stats.EQUIVALENT:
+        return f"{row['a']} and {row['b']} are equivalent within ±{margin:g} points"
+    return f"{row['a']} vs {row['b']}: undecided"
+
+
+def leader_first(row: dict, leader: str) -> dict:
+    """The pair's row with `leader` as A."""
+    if row["a"] == leader:
+        return row
+    flipped = {**row, "a": row["b"], "b": row["a"], "diff_points": -row["diff_points"]}
+    flipped["ci95_low"], flipped["ci95_high"] = -row["ci95_high"], -row["ci95_low"]
+    return flipped
+
+
+def verdict(groups: Sequence[Group], pairs: Sequence[dict], margin: float = MARGIN) -> str:
+    """The answer for the leader against the runner-up, in words first, then the numbers
+    behind it; for an undecided pair, how many seeds per group would most likely decide."""
     if len(groups) < 2:
         return f"only one group ({groups[0].name}): nothing to compare"
     ranked = sorted(groups, key=lambda g: g.scores().mean(), reverse=True)
     top, second = ranked[0], ranked[1]
-    pair = next(p for p in pairs if {p["a"], p["b"]} == {top.name, second.name})
-    diff = abs(pair["diff_points"])
-    head = f"{top.name} leads {second.name} by {diff:.2f} points of final {top.split} acc"
-    if math.isnan(pair["p"]):
+    row = next(p for p in pairs if {p["a"], p["b"]} == {top.name, second.name})
+    row = leader_first(row, top.name)
+    words = answer_words(row, margin)
+    if math.isnan(row["p"]):
         return (
-            f"{head}; no test possible (needs >= 2 seeds per group, and paired differences "
-            "that vary): not significant"
+            f"{words} ({top.name} leads by {row['diff_points']:.2f} points of final "
+            f"{top.split} acc; no test possible: needs >= 2 seeds per group, and paired "
+            "differences that vary)"
         )
-    test = f"{pair['test']} p={pair['p']:.3g}"
-    if len(pairs) > 1:
-        test += f", Holm-adjusted over {len(pairs)} pairs p={pair['p_holm']:.3g}"
-    if pair["p_holm"] < ALPHA:
-        return f"{head} ({test}): significant at {ALPHA}"
-    power = (
-        f"; these seeds detect only differences >= {pair['detectable_points']:.2f} points at "
-        f"{POWER:.0%} power"
-        if not math.isnan(pair["detectable_points"])
-        else ""
+    family = f", Holm over {len(pairs)} pairs" if len(pairs) > 1 else ""
+    numbers = (
+        f"{top.name} − {second.name} = {row['diff_points']:+.2f} points of final {top.split} "
+        f"acc, 95% CI [{row['ci95_low']:+.2f}, {row['ci95_high']:+.2f}]; {row['test']} "
+        f"p={row['p_holm']:.3g}, equivalence within ±{margin:g} (TOST) p="
+        f"{row['p_equivalence_holm']:.3g}{family}"
     )
-    return f"{head} ({test}): not significant at {ALPHA}{power}"
+    more = row["seeds_to_decide"]
+    if row["answer"] != stats.UNDECIDED or math.isnan(more):
+        return f"{words} ({numbers})"
+    if math.isinf(more):
+        return f"{words} ({numbers}); the difference sits at the margin: no seed count decides"
+    return f"{words} ({numbers}); about {more:.0f} seeds per group would most likely decide it"
 
 
 def markdown(summary: Sequence[dict], pairs: Sequence[dict], line: str, split: str) -> str:
@@ -368,14 +375,18 @@ def markdown(summary: Sequence[dict], pairs: Sequence[dict], line: str, split: s
 def pair_table(pairs: Sequence[dict]) -> list[str]:
     detect = "seeds_needed" in pairs[0]
     head = (
-        "| A | B | A − B (points) | test | t | p | p (Holm) | detectable at "
-        f"{POWER:.0%} power (points) |" + (" seeds a group for the --detect difference |" * detect)
+        "| A | B | answer | A − B (points) | 95 % CI | test | p (Holm) | equivalence p "
+        f"(TOST, Holm) | detectable at {POWER:.0%} power (points) | seeds to decide |"
+        + (" seeds a group for the --detect difference |" * detect)
     )
-    out = [head, "| --- " * (8 + detect) + "|"]
+    out = [head, "| --- " * (10 + detect) + "|"]
     for p in pairs:
+        to_decide = fmt(p["seeds_to_decide"], 0) if p["answer"] == stats.UNDECIDED else "-"
         out.append(
-            f"| {p['a']} | {p['b']} | {p['diff_points']:+.2f} | {p['test']} | {fmt(p['t'])} | "
-            f"{fmt(p['p'], 4)} | {fmt(p['p_holm'], 4)} | {fmt(p['detectable_points'])} |"
+            f"| {p['a']} | {p['b']} | {p['answer']} | {p['diff_points']:+.2f} | "
+            f"[{fmt(p['ci95_low'])}, {fmt(p['ci95_high'])}] | {p['test']} | "
+            f"{fmt(p['p_holm'], 4)} | {fmt(p['p_equivalence_holm'], 4)} | "
+            f"{fmt(p['detectable_points'])} | {to_decide} |"
             + (f" {fmt(p['seeds_needed'], 0)} |" if detect else "")
         )
     return out
@@ -385,6 +396,17 @@ def mlflow_defaults() -> tuple[str, str]:
     """The tracking URI and experiment `gpool.train` would use, from the same config."""
     cfg = compose_config()
     return cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name
+
+
+def positive_points(text: str) -> float:
+    """An argument in points of accuracy: a number > 0 and below 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is no number of points in (0, 100)")
+    return value
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -413,8 +435,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         "mean val acc, then compare test accuracy at those values (needs dataset.holdout > 0)",
     )
     parser.add_argument(
+        "--margin",
+        type=positive_points,
+        default=MARGIN,
+        metavar="POINTS",
+        help="two groups count as equivalent when their difference lies within ±POINTS points "
+        f"of accuracy (default {MARGIN:g}; TOST at the family-wise level)",
+    )
+    parser.add_argument(
         "--detect",
-        type=float,
+        type=positive_points,
         metavar="POINTS",
         help="also state, per pair, the seeds per group needed to detect a difference of "
         f"POINTS points of accuracy at {POWER * 100:.0f}%% power",
@@ -492,11 +522,11 @@ class Comparison:
     def note(self) -> str:
         """The run description: the whole report, or, past MLflow's limit on a tag's value
         (many groups), the verdict and where the tables are."""
-        note = f"{self.header}\n\n{self.table}"
+        note = f"Verdict: {self.line}\n\n{self.header}\n\n{self.table}"
         if len(note) <= MAX_TAG_VAL_LENGTH:
             return note
         return (
-            f"{self.header}\n\nVerdict: {self.line}\n\nThe tables are too long for a run "
+            f"Verdict: {self.line}\n\n{self.header}\n\nThe tables are too long for a run "
             "description: see the artifact comparison/comparison.md."
         )
 
@@ -507,6 +537,7 @@ def compare_jobs(
     jobs: Sequence[Run],
     detect: float | None = None,
     tune: Sequence[str] | None = None,
+    margin: float = MARGIN,
 ) -> Comparison:
     """Compare the FINISHED runs among `jobs` (of sweep `parent`, if any); the others, and a
     sweep's jobs without a run, are listed as not compared."""
@@ -520,8 +551,8 @@ def compare_jobs(
         names, groups, chosen = tune_groups(curves, names, tune)
     else:
         groups = group_by(curves, names)
-    summary, pairs = summary_rows(groups), pairwise_rows(groups, detect)
-    line = verdict(groups, pairs)
+    summary, pairs = summary_rows(groups), pairwise_rows(groups, detect, margin)
+    line = verdict(groups, pairs, margin)
     table = markdown(summary, pairs, line, groups[0].split)
     if chosen:
         table = (
@@ -579,11 +610,13 @@ def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:
     return write_report(out, report, comparison.summary, comparison.groups)
 
 
-def publish_comparison(client: MlflowClient, run_id: str, out: Path) -> tuple[Comparison, str]:
+def publish_comparison(
+    client: MlflowClient, run_id: str, out: Path, margin: float = MARGIN
+) -> tuple[Comparison, str]:
     """At the end of a sweep: compare its jobs, write the report to `out` and put it on the
     sweep's parent run; returns the comparison and where the UI shows it."""
     parent = client.get_run(run_id)
-    comparison = compare_jobs(client, parent, sweep_jobs(client, parent))
+    comparison = compare_jobs(client, parent, sweep_jobs(client, parent), margin=margin)
     made = f"made {date.today().isoformat()} as the sweep ended"
     return comparison, publish(client, parent, comparison, report_files(out, comparison, made))
 
@@ -598,7 +631,7 @@ def main(argv: list[str] | None = None) -> str:
     parent, jobs = select_runs(
         client, args.experiment or default_experiment, args.parent, filter_string
     )
-    comparison = compare_jobs(client, parent, jobs, args.detect, args.tune)
+    comparison = compare_jobs(client, parent, jobs, args.detect, args.tune, args.margin)
     command = shlex.join(
         ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]
     )

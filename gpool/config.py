@@ -87,6 +87,9 @@ def check_values(cfg: DictConfig) -> None:
     for key, rate in rates.items():
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < inf:
             raise GpoolError(f"{key} must be a number > 0, not {rate!r}")
+    margin = cfg.compare.margin
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not 0 < margin < 100:
+        raise GpoolError(f"compare.margin must be a number of points in (0, 100), not {margin!r}")
     if not isinstance(system_metrics := cfg.mlflow.system_metrics, bool):
         raise GpoolError(f"mlflow.system_metrics must be true or false, not {system_metrics!r}")
 

@@ -49,6 +49,7 @@ CHECKPOINT_TAG = "gpool.checkpoint"
 #: and how a run executes (a CUDA graph replays the same step), not what it computes.
 NOT_RESULT_KEYS = (
     "mlflow",
+    "compare",
     "data_dir",
     "checkpoint_dir",
     "trainer.threads",

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from gpool import GpoolError
-from gpool.compare import publish_comparison
+from gpool.compare import MARGIN, publish_comparison
 from gpool.config import override_key
 from gpool.resume import (
     LAUNCHER_PID_ENV,
@@ -131,6 +131,7 @@ class SweepTracking(Callback):
         self.parent: tuple[str, str] | None = None
         # Where the comparison's files go: this process's own config, never a tag.
         self.sweep_dir: Path | None = None
+        self.margin = MARGIN  # the comparison's equivalence margin, from the config
         self.interrupted = False
 
     @staticmethod
@@ -178,6 +179,7 @@ class SweepTracking(Callback):
             log.info("MLflow sweep run %s: %s", run_id, overrides)
         self.parent = (client.tracking_uri, run_id)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.margin = float(config.compare.margin)
         os.environ[PARENT_RUN_ENV] = run_id
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
@@ -191,12 +193,12 @@ class SweepTracking(Callback):
         self.close_parent(completed=True)
 
     @staticmethod
-    def state_the_verdict(client: MlflowClient, run_id: str, out: Path) -> None:
+    def state_the_verdict(client: MlflowClient, run_id: str, out: Path, margin: float) -> None:
         """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
         the files go to `out`) and print it; a sweep without any finished job has nothing to
         state."""
         try:
-            comparison, pointer = publish_comparison(client, run_id, out)
+            comparison, pointer = publish_comparison(client, run_id, out, margin)
         except (GpoolError, MlflowException) as err:
             log.info("no comparison on the sweep's run: %s", err)
             return
@@ -228,7 +230,7 @@ class SweepTracking(Callback):
             status = "FAILED"
         if completed or status != "KILLED":  # a stopped sweep is not over: no verdict yet
             assert self.sweep_dir is not None
-            self.state_the_verdict(client, run_id, self.sweep_dir / "comparison")
+            self.state_the_verdict(client, run_id, self.sweep_dir / "comparison", self.margin)
         client.set_terminated(run_id, status)
 
 

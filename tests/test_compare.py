@@ -37,7 +37,6 @@ from gpool.compare import (
     Pair,
     RunCurves,
     factors,
-    holm,
     mean_std_ci,
 )
 from gpool.plots import group_figure
@@ -92,11 +91,11 @@ def test_statistics_match_their_definitions() -> None:
     a, b = [0.80, 0.81, 0.79, 0.80], [0.85, 0.86, 0.84, 0.87]
     welch = Pair.of(group("a", a, [0, 1, 2, 3]), group("b", b, [4, 5, 6, 7]))
     assert welch.test == "Welch"
-    t, p = welch.t_test()
-    assert p < 0.01 and t < 0
-    assert p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    d = welch.points()
+    assert d.p_difference() < 0.01 and d.diff < 0
+    assert d.p_difference() == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
     one_seed = Pair.of(group("a", a[:1], [0]), group("b", b, [4, 5, 6, 7]))
-    assert all(math.isnan(x) for x in (*one_seed.t_test(), one_seed.detectable()))
+    assert math.isnan(one_seed.points().p_difference()) and math.isnan(one_seed.detectable())
 
 
 def test_the_same_seeds_are_compared_pairwise_in_seed_order() -> None:
@@ -105,21 +104,16 @@ def test_the_same_seeds_are_compared_pairwise_in_seed_order() -> None:
     pair = Pair.of(a, b)
     assert pair.test == "paired t"
     expected = stats.ttest_rel([0.80, 0.90, 0.70], [0.79, 0.905, 0.71])
-    assert pair.t_test() == pytest.approx((expected.statistic, expected.pvalue))
+    d = pair.points()
+    assert (d.diff / d.se, d.p_difference()) == pytest.approx((expected.statistic, expected.pvalue))
 
 
 def test_a_comparison_too_long_for_a_run_description_keeps_its_verdict() -> None:
     short = Comparison("6 runs", "| table |\n\nVerdict: a leads b", "a leads b", [], [])
-    assert short.note() == "6 runs\n\n| table |\n\nVerdict: a leads b"
+    assert short.note() == "Verdict: a leads b\n\n6 runs\n\n| table |\n\nVerdict: a leads b"
     long = Comparison("35 runs", "| row |\n" * 2000, "a leads b", [], [])
-    assert len(long.note()) < 8000 and "Verdict: a leads b" in long.note()
+    assert len(long.note()) < 8000 and long.note().startswith("Verdict: a leads b\n")
     assert "comparison/comparison.md" in long.note()
-
-
-def test_holm_adjustment_matches_its_definition() -> None:
-    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(2 x 0.03, .), max(1 x 0.04, 0.06)
-    adjusted = holm([0.01, 0.04, 0.03, math.nan])
-    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
 
 
 def test_power_matches_cohens_figures() -> None:
@@ -128,12 +122,12 @@ def test_power_matches_cohens_figures() -> None:
     rng = np.random.default_rng(0)
     a, b = rng.normal(0.88, 0.01, 64), rng.normal(0.87, 0.01, 64)
     two_sample = Pair.of(group("a", list(a), list(range(64))), group("b", list(b), [-1] * 64))
-    assert two_sample.detectable() == pytest.approx(0.5 * two_sample.spread() * 100, rel=0.01)
-    assert two_sample.seeds_needed(0.5 * two_sample.spread() * 100) == 64
+    assert two_sample.detectable() == pytest.approx(0.5 * two_sample.spread(), rel=0.01)
+    assert two_sample.seeds_needed(0.5 * two_sample.spread()) == 64
     paired = Pair.of(group("a", list(a), list(range(64))), group("b", list(b), list(range(64))))
-    assert paired.spread() == pytest.approx(np.std(a - b, ddof=1))
-    assert paired.seeds_needed(0.5 * paired.spread() * 100) == 34
-    expected = TTestPower().solve_power(nobs=64, alpha=0.05, power=0.8) * paired.spread() * 100
+    assert paired.spread() == pytest.approx(np.std(a - b, ddof=1) * 100)
+    assert paired.seeds_needed(0.5 * paired.spread()) == 34
+    expected = TTestPower().solve_power(nobs=64, alpha=0.05, power=0.8) * paired.spread()
     assert paired.detectable() == pytest.approx(expected)
 
 
@@ -146,9 +140,10 @@ def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Pa
     # both heads ran seeds 0, 1, 2: a paired test; one pair, so Holm changes nothing
     row = next(line for line in out.splitlines() if line.startswith("| pool=avg | pool=max |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3] == "paired t" and cells[5] == cells[6]
+    assert cells[5] == "paired t" and cells[2] in ("better", "equivalent", "undecided")
     verdict = next(line for line in out.splitlines() if line.startswith("Verdict: "))
-    assert "leads" in verdict and "significant" in verdict
+    answer = {"better": " is better than ", "equivalent": " are equivalent within ±0.5 points"}
+    assert answer.get(cells[2], ": undecided") in verdict and "(TOST) p=" in verdict
     first = (tmp_path / "out" / "comparison.md").read_text().splitlines()[0]
     made_by = f"python -m gpool.compare --tracking-uri sqlite:///{sweep}/mlflow.db --out"
     assert first.startswith("6 finished runs from sweep")
@@ -169,7 +164,7 @@ def test_the_sweeps_run_states_the_verdict_when_the_sweep_ends(sweep: Path) -> N
     client = store(sweep)
     (parent,) = client.search_runs(["1"], "tags.`gpool.role` = 'sweep'")
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("6 finished runs from sweep") and "\nVerdict: pool=" in note
+    assert note.startswith("Verdict: pool=") and "\n\n6 finished runs from sweep" in note
     assert "| pool=avg | 3 |" in note and "| pool=max | 3 |" in note
     folder = Path(parent.data.tags["sweep_dir"]) / "comparison"
     rows = {r["group"]: r for r in csv.DictReader((folder / "comparison.csv").open())}
