@@ -20,8 +20,10 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,8 @@ from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, 
 from gpool.ui import share_comparison, ui_pointer
 
 ALPHA = 0.05
+#: Parallel requests while reading runs' metric histories (one request per run and metric).
+FETCHERS = 16
 #: The power at which the detectable difference and the seeds needed are stated.
 POWER = 0.8
 #: The practical margin (points of accuracy) within which two heads count as equivalent.
@@ -175,7 +179,8 @@ def group_name(run: Run, names: Sequence[str]) -> str:
     if not names:
         return "all runs"
     return " ".join(
-        f"{n}={run.data.tags[n] if n in GROUPS else run.data.params.get(n)}" for n in names
+        f"{n}={run.data.tags.get(n, 'unset') if n in GROUPS else run.data.params.get(n)}"
+        for n in names
     )
 
 
@@ -229,6 +234,8 @@ def missing_jobs(parent: Run | None, runs: Sequence[Run]) -> list[str]:
         if run.info.status != "FINISHED":
             failure = run.data.tags.get("failure", "").splitlines()[:1]
             lines.append(f"{run.info.run_name}: {': '.join([run.info.status, *failure])}")
+        elif "val_acc" not in run.data.metrics:
+            lines.append(f"{run.info.run_name}: FINISHED without val_acc (no gpool training run)")
     expected = int(parent.data.tags.get(EXPECTED_JOBS_TAG, 0)) if parent else 0
     if expected > len(runs):
         lines.append(
@@ -541,11 +548,13 @@ def compare_jobs(
 ) -> Comparison:
     """Compare the FINISHED runs among `jobs` (of sweep `parent`, if any); the others, and a
     sweep's jobs without a run, are listed as not compared."""
-    runs = [r for r in jobs if r.info.status == "FINISHED"]
+    runs = [r for r in jobs if r.info.status == "FINISHED" and "val_acc" in r.data.metrics]
     missing = missing_jobs(parent, jobs)
     if not runs:
         raise GpoolError("no FINISHED runs to compare in that selection; " + "; ".join(missing))
-    names, curves = factors(runs), [fetch_curves(client, r) for r in runs]
+    with ThreadPoolExecutor(FETCHERS) as pool:  # a request per run and metric: in parallel
+        curves = list(pool.map(partial(fetch_curves, client), runs))
+    names = factors(runs)
     chosen: list[str] = []
     if tune:
         names, groups, chosen = tune_groups(curves, names, tune)
@@ -638,9 +647,20 @@ def main(argv: list[str] | None = None) -> str:
     # The file carries the command that made it, so a committed table can be regenerated.
     made = f"made {date.today().isoformat()} by `{command}`"
     out = args.out or default_out(parent)
-    paths = report_files(out, comparison, made)
-    pointer = "" if parent is None else "\n" + publish(client, parent, comparison, paths)
-    print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}{pointer}")
+    try:
+        paths = report_files(out, comparison, made)
+    except OSError as err:
+        raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
+    print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}", flush=True)
+    if parent is not None:
+        try:
+            print(publish(client, parent, comparison, paths))
+        except (MlflowException, OSError) as err:  # a read-only store, a refusing server
+            first = (getattr(err, "message", None) or str(err)).splitlines()[0][:300]
+            raise GpoolError(
+                f"the comparison is written to {out} but could not be put on the sweep's run "
+                f"({first})"
+            ) from None
     return comparison.line
 
 

@@ -503,6 +503,35 @@ def test_compare_mistakes_are_one_line(tmp_path: Path, idx_root: Path) -> None:
     assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
     one_clear_line(compare(tmp_path, "--parent", "0123456789abcdef"), "0123456789abcdef")
     one_clear_line(compare(tmp_path, "--filter", "tags.pool = = 'avg'"), "nvalid")
+    for points in ("0", "-1", "nan", "inf"):
+        one_clear_line(compare(tmp_path, "--detect", points), "is no number of points")
+        one_clear_line(compare(tmp_path, "--margin", points), "is no number of points")
+    # What else lives in an experiment: a notebook's FINISHED run without val_acc, and a
+    # run whose group tag someone removed. Both compared or named, no KeyError.
+    client = store(tmp_path)
+    experiment = client.get_experiment_by_name("gpool").experiment_id
+    notebook = client.create_run(experiment, run_name="notebook").info.run_id
+    client.set_terminated(notebook, "FINISHED")
+    client.delete_tag(job_runs(tmp_path)[0].info.run_id, "dataset")
+    proc = compare(tmp_path, "--experiment", "gpool")
+    assert proc.returncode == 0, proc.stderr
+    assert "notebook: FINISHED without val_acc" in proc.stdout
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs read-only")
+def test_compare_on_a_read_only_store_prints_the_report_then_one_line(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    with tmpfs(tmp_path / "ro", "50m") as folder:
+        uri = f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db"
+        proc = run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, uri, multirun=True)
+        assert proc.returncode == 0, proc.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        proc = compare(tmp_path, uri=f"sqlite:///{folder}/mlflow.db")
+        one_clear_line(proc, "could not be put on the sweep's run")
+        assert (
+            "Verdict: pool=" in proc.stdout and (tmp_path / "compare" / "comparison.md").is_file()
+        )
 
 
 def test_a_relative_sqlite_uri_keeps_database_and_artifacts_together(tmp_path: Path) -> None:
