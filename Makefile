@@ -10,7 +10,7 @@ CACHED_DATA := $(or $(GPOOL_DATA),$(HOME)/.cache/gpool)/FashionMNIST/raw
 APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 CAN_APT = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
 
-.PHONY: setup data browser sweep test
+.PHONY: setup data browser sweep test check
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,9 @@ sweep: setup data
 test: setup data browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The quick inner loop: ruff and the tests that run in-process (no gpool, launcher or server
+# processes), on both cores. `make test` runs everything.
+check: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow and not process"

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import GENERATED, gpool_env
+
+pytestmark = pytest.mark.process
 
 
 def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path: Path) -> None:

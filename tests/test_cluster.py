@@ -20,6 +20,8 @@ from gpool.config import compose_config
 from gpool.resume import is_alive
 from gpool.tracking import ROLE_TAG
 
+pytestmark = pytest.mark.process
+
 
 def test_submitit_sweep_logs_through_a_tracking_server(tmp_path: Path, idx_root: Path) -> None:
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "served") as url:

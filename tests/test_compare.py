@@ -45,6 +45,8 @@ from gpool.ui import LOCAL_UI, share_comparison
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
+#: Every test here reads the one tiny sweep: they share it on one worker.
+pytestmark = [pytest.mark.process, pytest.mark.xdist_group("compare-sweep")]
 CHROMIUM = shutil.which("chromium")
 
 

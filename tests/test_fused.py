@@ -16,6 +16,8 @@ from gpool.config import compose_config
 from gpool.engine import seed_everything
 from gpool.model import StackedModel, build_model
 
+pytestmark = pytest.mark.process
+
 FUSED = "hydra/launcher=fused"
 #: 8 steps an epoch on the generated data: 24 steps, "a few dozen".
 STEPS = ("trainer.epochs=3", "trainer.eval_batch_size=128")

@@ -45,6 +45,8 @@ from gpool import GpoolError
 from gpool.resume import CHECKPOINT_TAG, claim
 from gpool.tracking import redact
 
+pytestmark = pytest.mark.process
+
 IS_ROOT = os.geteuid() == 0
 
 

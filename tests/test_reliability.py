@@ -26,6 +26,8 @@ from conftest import (
 from gpool.resume import HASH_TAG
 from gpool.tracking import Tracker, experiment_id, open_store
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, big_root: Path) -> dict:

@@ -17,6 +17,8 @@ import gpool
 from gpool.config import compose_config
 from gpool.model import build_model
 
+pytestmark = pytest.mark.process
+
 
 def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
