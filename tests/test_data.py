@@ -20,6 +20,7 @@ from torchvision.datasets import FashionMNIST
 from gpool.config import build
 from gpool.config import compose_config as make_cfg
 from gpool.data import DataError, TorchvisionImages, check_idx
+from gpool.plots import plot_class_maps, plot_confusion
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -318,3 +319,23 @@ def test_image_settings_no_run_can_use_are_refused(
 ) -> None:
     with pytest.raises(DataError, match=message):
         image_folder(tmp_path, *overrides)
+
+
+def test_figures_of_a_many_class_dataset_stay_small(tmp_path: Path) -> None:
+    """120 classes once drew 120 x 121 class-map panels: 4 minutes and 6.4 GB."""
+    k = 120
+    maps = torch.randn(k, k, 4, 4)
+    images = torch.rand(k, 1, 32, 32)
+    names = [f"c{i}" for i in range(k)]
+    labels = list(range(k))
+    path = plot_class_maps(images, maps, labels, labels, names, tmp_path / "maps.png")
+    with Image.open(path) as drawn:
+        assert drawn.width <= 1400 and drawn.height <= 1400  # 12 x 13 panels
+    matrix = torch.randint(0, 50, (k, k))
+    with Image.open(plot_confusion(matrix, names, tmp_path / "confusion.png")) as drawn:
+        assert drawn.width <= 2000 and drawn.height <= 2000
+    ten = plot_class_maps(
+        images[:10], maps[:10, :10], labels[:10], labels[:10], names[:10], tmp_path / "ten.png"
+    )
+    with Image.open(ten) as drawn:  # ten classes: every map, as before
+        assert drawn.width > 10 * 1.3 * 80 * 0.9
