@@ -40,6 +40,7 @@ from gpool.tracking import (
     PARENT_RUN_ENV,
     ROLE_TAG,
     SWEEP_KEY_TAG,
+    SWEPT_KEYS_ENV,
     experiment_id,
     git_commit,
     open_store,
@@ -90,6 +91,16 @@ def same_in_any_order(override: str) -> str:
         return override
     values = ",".join(sorted(parsed.sweep_string_iterator()))
     return f"{override.split('=', 1)[0]}={values}"
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a multirun's overrides sweep over (`pool=avg,max`, `seed=range(3)`), in
+    the order given."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # Hydra rejects it itself before any job runs
+        return []
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
 def expected_jobs(config: DictConfig) -> int | None:
@@ -181,6 +192,7 @@ class SweepTracking(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.margin = float(config.compare.margin)
         os.environ[PARENT_RUN_ENV] = run_id
+        os.environ[SWEPT_KEYS_ENV] = " ".join(swept_keys(config.hydra.overrides.task))
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
         handle_stop_signals(self._interrupt)
@@ -214,6 +226,7 @@ class SweepTracking(Callback):
         client = MlflowClient(tracking_uri)
         self.parent = None
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEPT_KEYS_ENV, None)
         jobs = sweep_jobs(client, client.get_run(run_id))
         if not completed:  # stopped launchers kill their workers: give up their runs
             deadline = time.monotonic() + 10

@@ -62,6 +62,8 @@ EXPECTED_JOBS_TAG = "gpool.jobs"
 JOB_TAG_PREFIX = "gpool.job."
 #: How a multirun's jobs, in this process or in launcher-started ones, find their parent run.
 PARENT_RUN_ENV = "GPOOL_PARENT_RUN_ID"
+#: ... and the keys the sweep varies (space-separated), which their run names carry.
+SWEPT_KEYS_ENV = "GPOOL_SWEPT_KEYS"
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 #: user:password@ in a URI (a tracking server's basic auth, a database password), also as

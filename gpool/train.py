@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from torch import nn
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import build as build_object
-from gpool.config import check_values
+from gpool.config import check_values, override_key
 from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
 from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
@@ -45,7 +46,15 @@ from gpool.resume import (
     save_checkpoint,
     stop_with_launcher,
 )
-from gpool.tracking import Tracker, experiment_id, open_store, redact, register_job, tags_for
+from gpool.tracking import (
+    SWEPT_KEYS_ENV,
+    Tracker,
+    experiment_id,
+    open_store,
+    redact,
+    register_job,
+    tags_for,
+)
 
 log = logging.getLogger("gpool.train")
 
@@ -81,9 +90,15 @@ class Job:
 
     @property
     def run_name(self) -> str:
-        return (
-            self.cfg.mlflow.run_name
-            or f"pool={self.hydra.runtime.choices.pool} seed={self.cfg.seed}"
+        """mlflow.run_name, else the head, every other key the sweep varies, and the seed:
+        `pool=gem pool.p=3 optimizer.lr=0.003 seed=0`."""
+        if self.cfg.mlflow.run_name:
+            return self.cfg.mlflow.run_name
+        mine = {override_key(o): o for o in self.hydra.overrides.task}
+        swept = os.environ.get(SWEPT_KEYS_ENV, "").split()
+        varied = [mine[k] for k in swept if k not in ("pool", "seed") and k in mine]
+        return " ".join(
+            [f"pool={self.hydra.runtime.choices.pool}", *varied, f"seed={self.cfg.seed}"]
         )
 
     def tracker(

@@ -194,3 +194,13 @@ def test_a_sweep_handed_over_in_batches_is_refused(tmp_path: Path, idx_root: Pat
     )
     assert proc.returncode != 0 and "leave it null with hydra/launcher=fused" in proc.stderr
     assert "Traceback" not in proc.stderr and job_runs(tmp_path) == []
+
+
+def test_run_names_carry_every_key_the_sweep_varies(tmp_path: Path, idx_root: Path) -> None:
+    """Fused members that differed only in pool.p once shared one run name."""
+    sweep = (FUSED, "pool=gem", "pool.p=1,3", "optimizer.lr=1e-3,3e-3", *STEPS[1:])
+    proc = run_gpool(tmp_path, idx_root, *sweep, "trainer.epochs=1", multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(by_name(tmp_path)) == [
+        f"pool=gem pool.p={p} optimizer.lr={lr} seed=0" for p in (1, 3) for lr in ("0.001", "0.003")
+    ]
