@@ -335,7 +335,8 @@ class Trainer:
         `on_epoch(member, result)` after each (where the caller logs and checkpoints);
         `stop` is asked between steps. A member whose loss turns NaN or infinite stops
         being reported: `on_failure(member, error)`, or the error is raised if no
-        on_failure is given. Its NaNs stay in its own slices of the stacked weights."""
+        on_failure is given; so does a member whose `on_epoch` raises a GpoolError. Its
+        NaNs stay in its own slices of the stacked weights."""
         # The compiled wrapper shares the model's parameters; callers keep the plain model
         # (its state_dict has no `_orig_mod.` prefix). Compile time lands in epoch 1.
         model = torch.compile(state.model, mode=self.compile) if self.compile else state.model
@@ -382,7 +383,13 @@ class Trainer:
                     *(*train[n], *val[n], seconds),
                 )
                 if on_epoch is not None:
-                    on_epoch(n, result)
+                    try:
+                        on_epoch(n, result)
+                    except GpoolError as error:  # its checkpoint could not be written...
+                        if on_failure is None:
+                            raise
+                        member.failure = error  # ... it fails alone, with its own message
+                        on_failure(n, error)
             if all(member.failure is not None for member in state.members):
                 return
 

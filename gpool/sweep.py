@@ -42,6 +42,7 @@ from gpool.tracking import (
     SWEEP_KEY_TAG,
     SWEPT_KEYS_ENV,
     experiment_id,
+    first_line,
     git_commit,
     open_store,
     redact,
@@ -219,14 +220,20 @@ class SweepTracking(Callback):
     def close_parent(self, completed: bool = False) -> None:
         """End the parent run: FINISHED when Hydra completed the sweep and every job's run
         FINISHED; KILLED when a signal stopped the sweep or one of its jobs; FAILED
-        otherwise."""
+        otherwise. A store that broke under the sweep gets one line, not a traceback."""
         if self.parent is None:
             return
         tracking_uri, run_id = self.parent
-        client = MlflowClient(tracking_uri)
         self.parent = None
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEPT_KEYS_ENV, None)
+        try:
+            self.end_parent(MlflowClient(tracking_uri), run_id, completed)
+        except MlflowException as err:
+            log.error("the sweep's MLflow run %s could not be closed (%s)", run_id, first_line(err))
+
+    def end_parent(self, client: MlflowClient, run_id: str, completed: bool) -> None:
+        """close_parent's work: the jobs' runs given up, the verdict, the status."""
         jobs = sweep_jobs(client, client.get_run(run_id))
         if not completed:  # stopped launchers kill their workers: give up their runs
             deadline = time.monotonic() + 10

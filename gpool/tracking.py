@@ -48,9 +48,14 @@ from gpool.engine import EpochResult
 from gpool.resume import HASH_TAG, one_per_config, process_tags
 
 log = logging.getLogger(__name__)
+# MLflow's sqlite store logs each failed statement with its whole traceback before raising
+# the MlflowException that gpool reports in one line (store_failed): keep it to that line.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 #: MLflow 3's UI opens experiments without this tag on its GenAI overview, hiding runs.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: Tag of a run: seconds spent in MLflow calls so far, over every session that trained it.
+SECONDS_TAG = "gpool.mlflow_seconds"
 #: Tag that marks a sweep's parent run (value "sweep").
 ROLE_TAG = "gpool.role"
 #: Tag of a sweep's parent run: what identifies "the same sweep" when it is run again.
@@ -78,6 +83,20 @@ USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://)[^/\s]+@")
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
 for _name, _value in HTTP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+
+
+def store_failed(err: MlflowException) -> GpoolError:
+    """One line for a store that broke under a running job (deleted, its disk full, its
+    server gone past the retries), instead of MLflow's traceback."""
+    return GpoolError(f"the MLflow store failed ({first_line(err)}); what was logged before stands")
+
+
+def first_line(err: BaseException) -> str:
+    """The line of an MLflow error that says what went wrong: the database's own error
+    (`(sqlite3.OperationalError) ...`) where SQLAlchemy wraps it, else the first."""
+    lines = str(getattr(err, "message", None) or err).strip().splitlines() or [""]
+    named = [line for line in lines if re.match(r"\(\w[\w.]*(Error|Exception)\)", line)]
+    return (named or lines)[0][:300]
 
 
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -232,8 +251,10 @@ class Tracker:
         tags: Mapping[str, str],
         resume_run_id: str | None = None,
         system_metrics: bool = False,
+        earlier_seconds: float = 0.0,
     ) -> None:
         self.seconds = 0.0  # spent in MLflow calls; logged as `mlflow_seconds` at the end
+        self.earlier_seconds = earlier_seconds  # ... by the sessions this run resumes
         self.client = client
         self.experiment_id = experiment
         self.run_name = redact(run_name)
@@ -295,13 +316,24 @@ class Tracker:
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
-            failure = redact(f"{exc_type.__name__}: {exc}")[:5000]
-            self._call(self.client.set_tag, self.run_id, "failure", failure)
+        try:
+            self._close(status, None if exc_type is None else f"{exc_type.__name__}: {exc}")
+        except (MlflowException, OSError) as err:  # the store itself broke: say so, once
+            log.error("MLflow run %s could not be closed (%s)", self.run_id, first_line(err))
+        return False
+
+    def _close(self, status: int, failure: str | None) -> None:
+        """Record how the run ended. Its MLflow time so far is a tag, overwritten as a
+        resumed run goes on; the metric mlflow_seconds is logged once, when it FINISHES."""
+        if failure is not None and status == RunStatus.FAILED:
+            self._call(self.client.set_tag, self.run_id, "failure", redact(failure)[:5000])
         if self.monitor is not None:  # its last samples go in while the run is still open
             self.monitor.finish()
-        self._call(self.client.log_metric, self.run_id, "mlflow_seconds", self.seconds)
+        total = self.earlier_seconds + self.seconds
+        self.client.set_tag(self.run_id, SECONDS_TAG, f"{total:.3f}")
+        if status == RunStatus.FINISHED:
+            self.client.log_metric(self.run_id, "mlflow_seconds", total)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
-        return False
 
     def log_epoch(self, result: EpochResult) -> None:
         """All of an epoch's metrics in one call: per-metric calls are slow on sqlite."""
@@ -360,6 +392,8 @@ class Tracker:
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
+        if self.has_model():  # logged before this run was stopped and resumed
+            return
         # Contiguous: torch.export's archive mis-groups channels_last weights (and warns).
         network = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
         x = example.detach().cpu()
@@ -377,6 +411,15 @@ class Tracker:
             self._call(self.client.log_model_artifacts, logged.model_id, str(path))
             self._call(self.client.finalize_logged_model, logged.model_id, LoggedModelStatus.READY)
         self._call(self.client.log_outputs, self.run_id, [LoggedModelOutput(logged.model_id, step)])
+
+    def has_model(self) -> bool:
+        """Whether the run already logged its finished model."""
+        found = self._call(
+            self.client.search_logged_models,
+            [self.experiment_id],
+            filter_string=f"source_run_id = '{self.run_id}'",
+        )
+        return any(m.status == LoggedModelStatus.READY for m in found)
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         """A PNG as an MLflow image at `step`: the run page's image slider."""

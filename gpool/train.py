@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -47,12 +48,14 @@ from gpool.resume import (
     stop_with_launcher,
 )
 from gpool.tracking import (
+    SECONDS_TAG,
     SWEPT_KEYS_ENV,
     Tracker,
     experiment_id,
     open_store,
     redact,
     register_job,
+    store_failed,
     tags_for,
 )
 
@@ -115,9 +118,10 @@ class Job:
         checkpoint = self.checkpoint(client.tracking_uri, experiment)
         tags.update({HASH_TAG: self.fingerprint, CHECKPOINT_TAG: str(checkpoint), **group})
         resume_id = resume.info.run_id if resume is not None else None
+        earlier = float(resume.data.tags.get(SECONDS_TAG, 0)) if resume is not None else 0.0
         system_metrics = self.cfg.mlflow.system_metrics
         return Tracker(
-            client, experiment, self.run_name, self.config, tags, resume_id, system_metrics
+            client, experiment, self.run_name, self.config, tags, resume_id, system_metrics, earlier
         )
 
     def skip(self, client: MlflowClient, finished: Run) -> float:
@@ -381,7 +385,10 @@ def main(cfg: DictConfig) -> float:
         "%s on %s: %s", job.run_name, trainer.device, redact(" ".join(job.hydra.overrides.task))
     )
     stop_with_launcher()
-    (result,) = train_group([job], trainer)
+    try:
+        (result,) = train_group([job], trainer)
+    except MlflowException as err:
+        raise store_failed(err) from None
     if isinstance(result, GpoolError):
         raise result
     return result

@@ -391,6 +391,52 @@ def test_sigterm_while_loading_or_logging_ends_in_one_line_and_no_running_run(
     assert run.info.status == "FINISHED"
     names = {a.path for a in store(tmp_path).list_artifacts(run.info.run_id)}
     assert {"model.pt", "curves.png", "confusion_matrix.json"} <= names
+    # What the stopped session logged is not logged twice: one model, one MLflow time
+    # (that of both sessions).
+    client = store(tmp_path)
+    models = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    assert len(models) == 1
+    (seconds,) = client.get_metric_history(run.info.run_id, "mlflow_seconds")
+    assert seconds.value == pytest.approx(float(run.data.tags["gpool.mlflow_seconds"]), abs=1e-3)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounts a small tmpfs")
+def test_a_full_disk_under_a_fused_group_fails_each_member_with_its_own_line(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    with tmpfs(tmp_path / "small", "120k") as small:
+        args = ("hydra/launcher=fused", "pool=avg,max", *SHORT, f"checkpoint_dir={small}/ck")
+        proc = run_gpool(tmp_path, idx_root, *args, multirun=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    runs = job_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    for run in runs:  # each names its own checkpoint, not member 0's
+        assert (
+            f"cannot write the checkpoint {run.data.tags[CHECKPOINT_TAG]}"
+            in (run.data.tags["failure"])
+        )
+    assert sweep_runs(tmp_path)[0].info.status == "FAILED"
+
+
+def test_the_store_deleted_mid_sweep_is_one_line_a_job_and_nothing_hangs(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    proc = start_gpool(
+        tmp_path,
+        idx_root,
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        "pool=avg,max,gem",
+        *SHORT,
+        output="epoch 1/2",
+        multirun=True,
+    )
+    (tmp_path / "mlflow.db").unlink()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out
+    assert "Traceback" not in out, out
+    assert "the MLflow store failed ((sqlite3.OperationalError)" in out, out
 
 
 def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: Path) -> None:

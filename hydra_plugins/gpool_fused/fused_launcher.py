@@ -20,11 +20,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, open_dict
 
 from gpool import GpoolError
 from gpool.config import build as build_object
 from gpool.config import check_values, override_key
+from gpool.tracking import store_failed
 from gpool.train import Job, train_group
 
 log = logging.getLogger(__name__)
@@ -132,5 +134,7 @@ class FusedLauncher(Launcher):
                 len(jobs),
             )
             return [outcome for job in jobs for outcome in train_group([job], trainer)]
+        except MlflowException as error:  # the store broke: one line for each job
+            return [store_failed(error)] * len(jobs)
         except Exception as error:  # the whole group failed (bad data, a bug): each job says so
             return [error] * len(jobs)
