@@ -155,3 +155,22 @@ def seeds_to_decide(
         )
     needs = [float(n) for n in needs if not math.isnan(n) and math.isfinite(n)]
     return float(max(2, math.ceil(min(needs)))) if needs else math.inf
+
+
+def rounds(first: int, per_round: int, most: int) -> list[int]:
+    """Seeds per group after each round of a sequential sweep: `first`, then `per_round`
+    more each round, the last round cut at `most`."""
+    return [*range(first, most, per_round), most] if first < most else [most]
+
+
+def look_alpha(alpha: float, looks: int) -> float:
+    """The level each look of a sequential sweep decides at: a Bonferroni split of `alpha`
+    over the planned looks, so that the chance of any wrong answer (better where there is
+    no difference, or equivalent where there is one past the margin) over all looks stays
+    below `alpha`, however the looks depend on each other."""
+    return alpha / looks
+
+
+def decided(answers: Sequence[str]) -> bool:
+    """Whether every pair has an answer: the stopping rule of a sequential sweep."""
+    return all(answer != UNDECIDED for answer in answers)

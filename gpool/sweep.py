@@ -21,8 +21,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from gpool import GpoolError
-from gpool.compare import MARGIN, publish_comparison
+from gpool import GpoolError, stats
+from gpool.compare import ALPHA, MARGIN, publish_comparison
 from gpool.config import override_key
 from gpool.resume import (
     LAUNCHER_PID_ENV,
@@ -120,6 +120,31 @@ def expected_jobs(config: DictConfig) -> int | None:
         return None
 
 
+#: Tag of a decide sweep's parent run: whether, and after how many seeds, it was decided.
+DECIDED_TAG = "gpool.decided"
+
+
+def schedule(config: DictConfig) -> list[int]:
+    """A decide sweep's seeds per group after each round (hydra/sweeper=decide), checked."""
+    sweeper = config.hydra.sweeper
+    first, per_round, most = sweeper.first_round, sweeper.seeds_per_round, sweeper.max_seeds
+    if not (isinstance(first, int) and first >= 3):
+        raise GpoolError(f"hydra.sweeper.first_round must be a whole number >= 3, not {first!r}")
+    if not (isinstance(per_round, int) and per_round >= 1):
+        raise GpoolError(f"hydra.sweeper.seeds_per_round must be >= 1, not {per_round!r}")
+    if not (isinstance(most, int) and most >= first):
+        raise GpoolError(f"hydra.sweeper.max_seeds must be >= first_round ({first}), not {most!r}")
+    return stats.rounds(first, per_round, most)
+
+
+def sequential_alpha(config: DictConfig) -> float:
+    """The level a sweep's pairs are decided at: ALPHA, split over the planned rounds of a
+    decide sweep, which looks after each (its closing verdict uses the same)."""
+    if "max_seeds" not in config.hydra.sweeper:
+        return ALPHA
+    return stats.look_alpha(ALPHA, len(schedule(config)))
+
+
 class SweepTracking(Callback):
     """Hydra callback, run in the launching process, before any job.
 
@@ -144,6 +169,7 @@ class SweepTracking(Callback):
         # Where the comparison's files go: this process's own config, never a tag.
         self.sweep_dir: Path | None = None
         self.margin = MARGIN  # the comparison's equivalence margin, from the config
+        self.alpha = ALPHA  # ... and the level it decides at (see sequential_alpha)
         self.interrupted = False
 
     @staticmethod
@@ -165,6 +191,10 @@ class SweepTracking(Callback):
         self.prepare(config, config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self.alpha = sequential_alpha(config)
+        except GpoolError as err:  # a callback's exception would only be a warning
+            raise SystemExit(f"gpool: {err}") from None
         client, experiment = self.prepare(config, config.hydra.sweep.dir, "hydra.sweep.dir")
         overrides = redact(" ".join(config.hydra.overrides.task))
         key = sweep_key(config)
@@ -206,12 +236,14 @@ class SweepTracking(Callback):
         self.close_parent(completed=True)
 
     @staticmethod
-    def state_the_verdict(client: MlflowClient, run_id: str, out: Path, margin: float) -> None:
+    def state_the_verdict(
+        client: MlflowClient, run_id: str, out: Path, margin: float, alpha: float
+    ) -> None:
         """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
         the files go to `out`) and print it; a sweep without any finished job has nothing to
         state."""
         try:
-            comparison, pointer = publish_comparison(client, run_id, out, margin)
+            comparison, pointer = publish_comparison(client, run_id, out, margin, alpha)
         except (GpoolError, MlflowException) as err:
             log.info("no comparison on the sweep's run: %s", err)
             return
@@ -250,7 +282,8 @@ class SweepTracking(Callback):
             status = "FAILED"
         if completed or status != "KILLED":  # a stopped sweep is not over: no verdict yet
             assert self.sweep_dir is not None
-            self.state_the_verdict(client, run_id, self.sweep_dir / "comparison", self.margin)
+            out = self.sweep_dir / "comparison"
+            self.state_the_verdict(client, run_id, out, self.margin, self.alpha)
         client.set_terminated(run_id, status)
 
 
