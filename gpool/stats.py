@@ -10,6 +10,7 @@ run s of B share initial weights and batch order), otherwise by Welch's unequal-
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import numpy as np
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 #: The three answers for a pair, and the qualified first one.
 BETTER, BETTER_WITHIN, EQUIVALENT, UNDECIDED = (
@@ -125,15 +127,30 @@ def detectable(spread: float, n_a: int, n_b: int, paired: bool, alpha: float, po
     return float(effect) * spread
 
 
+def solve_seeds(
+    effect: float, paired: bool, alpha: float, power: float, alternative: str = "two-sided"
+) -> float:
+    """Seeds per group (pairs, when paired) for a t-test to find a standardised `effect`
+    with `power` at `alpha`. statsmodels' root finder gives up on effects far larger than
+    any sample needs (NaN): those need the fewest seeds a t-test can use, 2."""
+    solver = TTestPower() if paired else TTestIndPower()
+    with warnings.catch_warnings():  # its failure is handled here, not printed to the user
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        n = solver.solve_power(
+            effect_size=effect, alpha=alpha, power=power, alternative=alternative
+        )
+    n = float(np.asarray(n).item())
+    if math.isnan(n):
+        return 2.0 if effect > 1 else math.nan
+    return float(max(2, math.ceil(n)))
+
+
 def seeds_needed(spread: float, diff: float, paired: bool, alpha: float, power: float) -> float:
     """Seeds per group for the test of a difference to detect `diff` with `power` at
     `alpha`, given the spread (NaN when it is unknown)."""
     if not spread > 0 or not abs(diff) > 0:
         return math.nan
-    solver = TTestPower() if paired else TTestIndPower()
-    return float(
-        math.ceil(solver.solve_power(effect_size=abs(diff) / spread, alpha=alpha, power=power))
-    )
+    return solve_seeds(abs(diff) / spread, paired, alpha, power)
 
 
 def seeds_to_decide(
@@ -148,13 +165,10 @@ def seeds_to_decide(
         return math.nan
     needs = [seeds_needed(spread, diff, paired, alpha, power)]
     if abs(diff) < margin:
-        solver = TTestPower() if paired else TTestIndPower()
         effect = (margin - abs(diff)) / spread
-        needs.append(
-            solver.solve_power(effect_size=effect, alpha=alpha, power=power, alternative="larger")
-        )
-    needs = [float(n) for n in needs if not math.isnan(n) and math.isfinite(n)]
-    return float(max(2, math.ceil(min(needs)))) if needs else math.inf
+        needs.append(solve_seeds(effect, paired, alpha, power, alternative="larger"))
+    needs = [n for n in needs if math.isfinite(n)]
+    return min(needs) if needs else math.inf
 
 
 def rounds(first: int, per_round: int, most: int) -> list[int]:

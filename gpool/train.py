@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -154,12 +155,16 @@ def log_diagnostics(
 ) -> None:
     """What every run keeps besides metrics: weights (a state_dict and an MLflow model),
     curves, the class maps that enter the pool for one fixed validation image per class,
-    and the validation confusion matrix."""
+    the validation confusion matrix, and its predicted class for every validation (and
+    test) image: what an interval over the images as well as the seeds needs."""
     job_dir = job.output_dir
     torch.save(model.state_dict(), job_dir / "model.pt")
-    matrix = confusion_matrix(
-        trainer.predict(model, data, data.val), data.val.labels, len(data.classes)
-    )
+    predicted = {"val": trainer.predict(model, data, data.val)}
+    if data.test is not None:
+        predicted["test"] = trainer.predict(model, data, data.test)
+    for split, classes in predicted.items():
+        np.save(job_dir / f"{split}.npy", classes.numpy().astype(np.int16))
+    matrix = confusion_matrix(predicted["val"], data.val.labels, len(data.classes))
     report = {
         "classes": data.classes,
         "matrix": matrix.tolist(),
@@ -168,6 +173,7 @@ def log_diagnostics(
     run.log_text(json.dumps(report, indent=1), "confusion_matrix.json")
     example, _ = data.batch(data.val, torch.arange(min(4, len(data.val)), device=trainer.device))
     run.log_model(model, example.contiguous(), len(member.history))
+    run.log_artifacts([job_dir / f"{split}.npy" for split in predicted], "predictions")
     run.log_artifacts(
         [
             job_dir / "model.pt",

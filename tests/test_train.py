@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 from conftest import GENERATED, SHORT, all_runs, run_gpool, write_image_folder
@@ -152,6 +153,21 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: 
     assert held_inputs["testing"].digest == inputs["validation"].digest  # the same test split
     assert held_inputs["training"].digest != inputs["training"].digest
     assert "test_acc" in held.data.metrics
+    # Every image's predicted class, per split (what an interval over images needs).
+    store_of = {run.info.run_id: tmp_path, held.info.run_id: other}
+    for logged, splits in ((run, ("val",)), (held, ("val", "test"))):
+        uri = f"sqlite:///{store_of[logged.info.run_id]}/mlflow.db"
+        folder = download_artifacts(
+            run_id=logged.info.run_id,
+            artifact_path="predictions",
+            tracking_uri=uri,
+            dst_path=str(tmp_path / "download" / logged.info.run_id),
+        )
+        assert sorted(p.name for p in Path(folder).iterdir()) == [
+            f"{s}.npy" for s in sorted(splits)
+        ]
+    predicted = np.load(Path(folder) / "val.npy")
+    assert predicted.shape == (64,) and predicted.dtype == np.int16
 
 
 def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> None:
