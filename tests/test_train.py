@@ -42,6 +42,7 @@ def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
     assert names == {
         "config.yaml",
         "hydra",
+        "predictions",
         "curves.png",
         "model.pt",
         "class_maps.png",
