@@ -59,8 +59,6 @@ class GeMPool(nn.Module):
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, shift: bool = True) -> None:
         super().__init__()
-        if not 0 < p < math.inf:
-            raise GpoolError(f"pool.p must be a number > 0 (GeM's exponent), not {p!r}")
         self.p = nn.Parameter(torch.tensor(float(p)))
         self.eps = eps
         self.shift = shift

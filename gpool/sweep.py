@@ -280,11 +280,13 @@ class SweepTracking(Callback):
             status = "KILLED"
         else:
             status = "FAILED"
-        if completed or status != "KILLED":  # a stopped sweep is not over: no verdict yet
-            assert self.sweep_dir is not None
-            out = self.sweep_dir / "comparison"
-            self.state_the_verdict(client, run_id, out, self.margin, self.alpha)
-        client.set_terminated(run_id, status)
+        try:
+            if completed or status != "KILLED":  # a stopped sweep is not over: no verdict
+                assert self.sweep_dir is not None
+                out = self.sweep_dir / "comparison"
+                self.state_the_verdict(client, run_id, out, self.margin, self.alpha)
+        finally:  # whatever the comparison met, the sweep's run does not stay RUNNING
+            client.set_terminated(run_id, status)
 
 
 def earlier_sweep(client: MlflowClient, experiment: str, key: str) -> Run | None:

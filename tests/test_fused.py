@@ -179,7 +179,7 @@ def test_a_nan_member_fails_alone_and_a_finished_one_is_skipped(
     p = "pool.p=2.0,3.0,nan"  # the last member's head computes NaN: so does its loss
     proc = run_gpool(tmp_path, idx_root, FUSED, "pool=gem", p, *short, multirun=True)
     assert proc.returncode != 0  # a job failed, and Hydra says so
-    assert "skipping pool=gem seed=0" in proc.stdout
+    assert "skipping pool=gem pool.p=2.0 seed=0" in proc.stdout
     assert "training 3 jobs as one model" in proc.stdout
     runs = {r.data.params["pool.p"]: r for r in job_runs(tmp_path)}
     assert runs["nan"].info.status == "FAILED"

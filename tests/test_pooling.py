@@ -78,5 +78,3 @@ def test_lse_takes_any_positive_sharpness_and_refuses_the_rest() -> None:
     for r in (0.0, -1.0, float("inf")):
         with pytest.raises(GpoolError, match="pool.r must be a number > 0"):
             LSEPool(r=r)
-    with pytest.raises(GpoolError, match="pool.p must be a number > 0"):
-        GeMPool(p=0.0)

@@ -232,7 +232,8 @@ def test_nan_loss_fails_its_run_and_the_sweep_goes_on(tmp_path: Path, idx_root: 
     assert finished.info.status == "FINISHED"
     # The sweep's run states what its finished job allows, and which job is missing.
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("1 finished runs from sweep") and "\nNot compared:\n" in note
+    assert note.startswith("Verdict: only one group") and "\nNot compared:\n" in note
+    assert "\n\n1 finished runs from sweep" in note
     assert f"- {failed.info.run_name}: FAILED: NonFiniteLossError" in note
 
 
