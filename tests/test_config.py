@@ -50,7 +50,7 @@ def test_groups_have_the_promised_options() -> None:
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
     assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
-    assert options("experiment") == ["article", "quick", "tuned"]
+    assert options("experiment") == ["article", "decide", "quick", "tuned"]
 
 
 def test_the_tuned_preset_holds_out_data_and_sweeps_heads_lrs_and_seeds() -> None:
