@@ -16,7 +16,6 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -25,12 +24,13 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from gpool import GpoolError, stats
-from gpool.compare import ALPHA, compare_jobs
-from gpool.sweep import DECIDED_TAG, schedule
+from gpool.compare import compare_jobs
+from gpool.sweep import DECIDED_TAG, schedule, sequential_alpha
 from gpool.tracking import PARENT_RUN_ENV, store_uri, sweep_jobs
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class DecideSweeper(Sweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        alpha = stats.look_alpha(ALPHA, len(plan))
+        alpha = sequential_alpha(self.config)
         returns: list[Sequence[JobReturn]] = []
         done = 0
         for n in plan:
@@ -118,7 +118,7 @@ class DecideSweeper(Sweeper):
         )
         return [row["answer"] for row in comparison.pairs], comparison.line
 
-    def parent(self) -> tuple[MlflowClient, Any]:
+    def parent(self) -> tuple[MlflowClient, Run]:
         assert self.config is not None
         client = MlflowClient(store_uri(self.config.mlflow.tracking_uri))
         return client, client.get_run(os.environ[PARENT_RUN_ENV])
