@@ -37,6 +37,7 @@ from scipy.stats import t as student_t
 from gpool import PROJECT_ROOT, GpoolError, stats
 from gpool.config import GROUPS, compose_config
 from gpool.plots import plot_group_curves
+from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result, one_per_config
 from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
 from gpool.ui import share_comparison, ui_pointer
@@ -52,12 +53,14 @@ MARGIN = 0.5
 
 @dataclass
 class RunCurves:
-    """One run's accuracy per epoch (test accuracy only for runs with a holdout)."""
+    """One run's accuracy per epoch (test accuracy only for runs with a holdout), and per
+    split its per-image scores or why it has none (gpool.predictions)."""
 
     run: Run
     val_acc: list[float]
     train_acc: list[float]
     test_acc: list[float] = field(default_factory=list)
+    images: dict[str, ImageScores | str] = field(default_factory=dict)
 
     @property
     def final(self) -> float:
@@ -98,6 +101,17 @@ class Group:
     def seeds(self) -> list[str]:
         return [r.run.data.params.get("seed", "") for r in self.runs]
 
+    def image_scores(self) -> ImageScores | str:
+        """Its runs' per-image scores on its split ([runs x images]), or why not all have
+        them on the same images."""
+        scores = [r.images.get(self.split, "no predictions read") for r in self.runs]
+        for run, s in zip(self.runs, scores, strict=True):
+            if isinstance(s, str):
+                return f"{run.run.info.run_name}: {s}"
+        if any(not np.array_equal(s.labels, scores[0].labels) for s in scores):
+            return f"the runs of {self.name} scored different images"
+        return ImageScores(np.stack([s.correct for s in scores]), scores[0].labels)
+
 
 def mean_std_ci(values: np.ndarray) -> tuple[float, float, float]:
     """Mean, sample std and the half-width of the t-based 95 % confidence interval."""
@@ -110,11 +124,13 @@ def mean_std_ci(values: np.ndarray) -> tuple[float, float, float]:
 
 @dataclass
 class Pair:
-    """Two groups' scores (fractions), aligned by seed when the test is paired."""
+    """Two groups' scores (fractions), aligned by seed when the test is paired, with their
+    per-image scores ([seeds x images], aligned alike) or why the pair has none."""
 
     a: np.ndarray
     b: np.ndarray
     paired: bool
+    images: tuple[np.ndarray, np.ndarray] | str = "no predictions read"
 
     @classmethod
     def of(cls, a: Group, b: Group) -> Pair:
@@ -122,18 +138,41 @@ class Pair:
         then share their initial weights and their batch order."""
         seeds_a, seeds_b = a.seeds(), b.seeds()
         same = sorted(seeds_a) == sorted(seeds_b) and len(set(seeds_a)) == len(seeds_a)
-        if not same or len(seeds_a) < 2:
-            return cls(a.scores(), b.scores(), paired=False)
-        order_a, order_b = np.argsort(seeds_a), np.argsort(seeds_b)
-        return cls(a.scores()[order_a], b.scores()[order_b], paired=True)
+        paired = same and len(seeds_a) >= 2
+        order_a = np.argsort(seeds_a) if paired else np.arange(len(seeds_a))
+        order_b = np.argsort(seeds_b) if paired else np.arange(len(seeds_b))
+        images = pair_images(a.image_scores(), b.image_scores())
+        if not isinstance(images, str):
+            images = images[0][order_a], images[1][order_b]
+        return cls(a.scores()[order_a], b.scores()[order_b], paired, images)
 
     @property
     def test(self) -> str:
         return "paired t" if self.paired else "Welch"
 
+    @property
+    def covers(self) -> str:
+        """What the pair's interval covers."""
+        if isinstance(self.images, str):
+            return "seeds alone"
+        return f"seeds and {self.images[0].shape[1]} images"
+
+    def image_var(self) -> float:
+        """The test images' share of the difference's variance (points squared)."""
+        if isinstance(self.images, str):
+            return 0.0
+        return stats.image_variance(*self.images, self.paired) * 100**2
+
     def points(self) -> stats.Difference:
-        """A - B in points of accuracy, with its standard error."""
-        return stats.difference(self.a * 100, self.b * 100, self.paired)
+        """A - B in points of accuracy, with its standard error over seeds and images."""
+        return stats.difference(self.a * 100, self.b * 100, self.paired, self.image_var())
+
+    def improvement(self, level: float) -> tuple[float, float, float]:
+        """P(A > B) over the pair's runs, and its `level` bootstrap interval (over seeds
+        and images when the pair has per-image scores)."""
+        scores = self.images if not isinstance(self.images, str) else (self.a, self.b)
+        low, high = stats.improvement_interval(*scores, self.paired, level)
+        return float(stats.improvement(self.a, self.b)), low, high
 
     def spread(self) -> float:
         """The std (points) the power analysis scales by: of the per-seed differences when
@@ -146,13 +185,25 @@ class Pair:
         pooled = (n_a - 1) * np.var(self.a, ddof=1) + (n_b - 1) * np.var(self.b, ddof=1)
         return float(math.sqrt(pooled / (n_a + n_b - 2))) * 100
 
-    def detectable(self) -> float:
-        """The smallest difference (points) these seeds detect with POWER at ALPHA."""
-        return stats.detectable(self.spread(), len(self.a), len(self.b), self.paired, ALPHA, POWER)
+    def detectable(self, alpha: float = ALPHA) -> float:
+        """The smallest difference (points) these seeds detect with POWER at `alpha`."""
+        n_a, n_b, spread = len(self.a), len(self.b), self.spread()
+        return stats.detectable(spread, n_a, n_b, self.paired, alpha, POWER, self.image_var())
 
-    def seeds_needed(self, points: float) -> float:
-        """Seeds per group to detect a difference of `points` with POWER at ALPHA."""
-        return stats.seeds_needed(self.spread(), points, self.paired, ALPHA, POWER)
+    def seeds_needed(self, points: float, alpha: float = ALPHA) -> float:
+        """Seeds per group to detect a difference of `points` with POWER at `alpha`."""
+        spread, image_var = self.spread(), self.image_var()
+        return stats.seeds_needed(spread, points, self.paired, alpha, POWER, image_var)
+
+
+def pair_images(a: ImageScores | str, b: ImageScores | str) -> tuple[np.ndarray, np.ndarray] | str:
+    """Both groups' per-image scores, if both have them on the same images; else why not."""
+    for scores in (a, b):
+        if isinstance(scores, str):
+            return scores
+    if not np.array_equal(a.labels, b.labels):
+        return "the groups scored different images"
+    return a.correct, b.correct
 
 
 def factors(runs: Sequence[Run]) -> list[str]:
@@ -185,15 +236,22 @@ def group_name(run: Run, names: Sequence[str]) -> str:
 
 
 def fetch_curves(client: MlflowClient, run: Run) -> RunCurves:
+    """A run's curves and, per split it scored, its per-image scores."""
+
     def series(key: str) -> list[float]:
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         return [m.value for m in history]
 
-    return RunCurves(run, series("val_acc"), series("train_acc"), series("test_acc"))
+    curves = RunCurves(run, series("val_acc"), series("train_acc"), series("test_acc"))
+    finals = {"val": curves.final, "test": curves.final_test}
+    for split in ("val", "test") if curves.test_acc else ("val",):
+        curves.images[split] = fetch_image_scores(client, run, split, finals[split])
+    return curves
 
 
 def fetch_all(client: MlflowClient, runs: Sequence[Run]) -> list[RunCurves]:
-    """Every run's curves: a request per run and metric, FETCHERS at a time (280 runs on a
+    """Every run's curves and predictions: a request per run and metric or file, FETCHERS
+    at a time (280 runs on a
     tracking server took 49 s one by one). At interpreter exit (a sweep closed by its
     atexit hook) no new threads start: then one by one."""
     try:
@@ -287,33 +345,40 @@ def pairwise_rows(
     margin: float = MARGIN,
     alpha: float = ALPHA,
 ) -> list[dict]:
-    """Every pair of groups: the difference with its 1 - `alpha` interval, the test of a
-    difference and TOST's of equivalence within ±`margin` points, both Holm-adjusted over
-    the pairs, the answer (see stats.decide), the detectable difference and the seeds per
-    group that would most likely decide an undecided pair; given `detect` points, also the
-    seeds a group would need to detect that."""
+    """Every pair of groups: the difference with its 1 - `alpha` interval (over seeds and
+    test images when the runs logged their predictions), the test of a difference and
+    TOST's of equivalence within ±`margin` points, both Holm-adjusted over the pairs, the
+    answer (see stats.decide), P(A > B) with its interval, the detectable difference and
+    the seeds per group that would most likely decide an undecided pair, all at `alpha`;
+    given `detect` points, also the seeds a group would need to detect that."""
     rows = []
     for a, b in itertools.combinations(groups, 2):
         pair = Pair.of(a, b)
         d = pair.points()
         low, high = d.interval(1 - alpha)
+        improvement, improvement_low, improvement_high = pair.improvement(1 - alpha)
         row = {
             "a": a.name,
             "b": b.name,
             "diff_points": d.diff,
             "ci_low": low,
             "ci_high": high,
+            "covers": pair.covers,
+            "seeds_alone_because": pair.images if isinstance(pair.images, str) else "",
             "test": pair.test,
             "t": d.diff / d.se if d.testable else math.nan,
             "p": d.p_difference(),
             "p_equivalence": d.p_equivalence(margin),
-            "detectable_points": pair.detectable(),
+            "p_improvement": improvement,
+            "p_improvement_low": improvement_low,
+            "p_improvement_high": improvement_high,
+            "detectable_points": pair.detectable(alpha),
             "seeds_to_decide": stats.seeds_to_decide(
-                pair.spread(), d.diff, margin, pair.paired, ALPHA, POWER
+                pair.spread(), d.diff, margin, pair.paired, alpha, POWER, pair.image_var()
             ),
         }
         if detect is not None:
-            row["seeds_needed"] = pair.seeds_needed(detect)
+            row["seeds_needed"] = pair.seeds_needed(detect, alpha)
         rows.append(row)
     holm_diff = stats.holm([r["p"] for r in rows])
     holm_equiv = stats.holm([r["p_equivalence"] for r in rows])
@@ -341,6 +406,9 @@ def leader_first(row: dict, leader: str) -> dict:
         return row
     flipped = {**row, "a": row["b"], "b": row["a"], "diff_points": -row["diff_points"]}
     flipped["ci_low"], flipped["ci_high"] = -row["ci_high"], -row["ci_low"]
+    flipped["p_improvement"] = 1 - row["p_improvement"]
+    flipped["p_improvement_low"] = 1 - row["p_improvement_high"]
+    flipped["p_improvement_high"] = 1 - row["p_improvement_low"]
     return flipped
 
 
@@ -365,15 +433,20 @@ def verdict(
     family = f", Holm over {len(pairs)} pairs" if len(pairs) > 1 else ""
     numbers = (
         f"{top.name} − {second.name} = {row['diff_points']:+.2f} points of final {top.split} "
-        f"acc, {ci_label(alpha)} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]; {row['test']} "
-        f"p={row['p_holm']:.3g}, equivalence within ±{margin:g} (TOST) p="
-        f"{row['p_equivalence_holm']:.3g}{family}"
+        f"acc, {ci_label(alpha)} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}] over "
+        f"{row['covers']}; {row['test']} p={row['p_holm']:.3g}, equivalence within "
+        f"±{margin:g} (TOST) p={row['p_equivalence_holm']:.3g}{family}; P({top.name} > "
+        f"{second.name}) = {row['p_improvement']:.2f} [{row['p_improvement_low']:.2f}, "
+        f"{row['p_improvement_high']:.2f}]"
     )
     more = row["seeds_to_decide"]
     if row["answer"] != stats.UNDECIDED or math.isnan(more):
         return f"{words} ({numbers})"
     if math.isinf(more):
-        return f"{words} ({numbers}); the difference sits at the margin: no seed count decides"
+        return (
+            f"{words} ({numbers}); no seed count decides it: the difference sits at the "
+            "margin, or within the test images' own noise"
+        )
     return f"{words} ({numbers}); about {more:.0f} seeds per group would most likely decide it"
 
 
@@ -398,6 +471,12 @@ def markdown(
         )
     if pairs:
         out += ["", *pair_table(pairs, alpha)]
+    if alone := sorted({p["seeds_alone_because"] for p in pairs} - {""}):
+        out += [
+            "",
+            "Intervals over seeds alone, not the test images (the runs logged no usable "
+            "per-image predictions): " + "; ".join(alone[:3]) + ("; ..." if len(alone) > 3 else ""),
+        ]
     if alpha < ALPHA:
         out += [
             "",
@@ -411,17 +490,21 @@ def markdown(
 def pair_table(pairs: Sequence[dict], alpha: float = ALPHA) -> list[str]:
     detect = "seeds_needed" in pairs[0]
     head = (
-        f"| A | B | answer | A − B (points) | {ci_label(alpha)} | test | p (Holm) | equivalence p "
-        f"(TOST, Holm) | detectable at {POWER:.0%} power (points) | seeds to decide |"
-        + (" seeds a group for the --detect difference |" * detect)
+        f"| A | B | answer | A − B (points) | {ci_label(alpha)} | covers | test | p (Holm) | "
+        f"equivalence p (TOST, Holm) | P(A > B) | detectable at {POWER:.0%} power (points) | "
+        "seeds to decide |" + (" seeds a group for the --detect difference |" * detect)
     )
-    out = [head, "| --- " * (10 + detect) + "|"]
+    out = [head, "| --- " * (12 + detect) + "|"]
     for p in pairs:
         to_decide = fmt(p["seeds_to_decide"], 0) if p["answer"] == stats.UNDECIDED else "-"
+        improvement = (
+            f"{fmt(p['p_improvement'])} [{fmt(p['p_improvement_low'])}, "
+            f"{fmt(p['p_improvement_high'])}]"
+        )
         out.append(
             f"| {p['a']} | {p['b']} | {p['answer']} | {p['diff_points']:+.2f} | "
-            f"[{fmt(p['ci_low'])}, {fmt(p['ci_high'])}] | {p['test']} | "
-            f"{fmt(p['p_holm'], 4)} | {fmt(p['p_equivalence_holm'], 4)} | "
+            f"[{fmt(p['ci_low'])}, {fmt(p['ci_high'])}] | {p['covers']} | {p['test']} | "
+            f"{fmt(p['p_holm'], 4)} | {fmt(p['p_equivalence_holm'], 4)} | {improvement} | "
             f"{fmt(p['detectable_points'])} | {to_decide} |"
             + (f" {fmt(p['seeds_needed'], 0)} |" if detect else "")
         )

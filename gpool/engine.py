@@ -500,13 +500,17 @@ class Trainer:
     ) -> list[tuple[float, float]]:
         """Each member's mean loss and accuracy over `split` (its first `limit` eval batches
         if set)."""
-        n = min(len(split), (limit or len(split)) * self.eval_batch_size)
+        n = self.scored(split, limit)
         loss_sum = torch.zeros(members, device=self.device)
         correct = torch.zeros(members, dtype=torch.int64, device=self.device)
         for logits, y in self._eval_batches(model, data, split, n, members):
             loss_sum += F.cross_entropy(logits, y, reduction="none").view(members, -1).sum(1)
             correct += (logits.argmax(1) == y).view(members, -1).sum(1)
         return [(s / n, c / n) for s, c in zip(loss_sum.tolist(), correct.tolist(), strict=True)]
+
+    def scored(self, split: Split, limit: int | None) -> int:
+        """How many images of `split` an evaluation scores: its first `limit` eval batches."""
+        return min(len(split), (limit or len(split)) * self.eval_batch_size)
 
     @torch.inference_mode()
     def predict(self, model: nn.Module, data: ImageData, split: Split) -> Tensor:

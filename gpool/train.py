@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -34,6 +33,8 @@ from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, 
 from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
 from gpool.model import StackedModel, build_model
 from gpool.plots import plot_class_maps, plot_confusion, plot_curves
+from gpool.predictions import ARTIFACT_DIR
+from gpool.predictions import save as save_predictions
 from gpool.resume import (
     CHECKPOINT_TAG,
     HASH_TAG,
@@ -155,16 +156,18 @@ def log_diagnostics(
 ) -> None:
     """What every run keeps besides metrics: weights (a state_dict and an MLflow model),
     curves, the class maps that enter the pool for one fixed validation image per class,
-    the validation confusion matrix, and its predicted class for every validation (and
-    test) image: what an interval over the images as well as the seeds needs."""
+    the validation confusion matrix, and the predicted and true class of every validation
+    (and test) image its accuracy scored: what an interval over the images as well as the
+    seeds needs (gpool.predictions)."""
     job_dir = job.output_dir
     torch.save(model.state_dict(), job_dir / "model.pt")
-    predicted = {"val": trainer.predict(model, data, data.val)}
-    if data.test is not None:
-        predicted["test"] = trainer.predict(model, data, data.test)
-    for split, classes in predicted.items():
-        np.save(job_dir / f"{split}.npy", classes.numpy().astype(np.int16))
+    splits = {"val": data.val} if data.test is None else {"val": data.val, "test": data.test}
+    predicted = {name: trainer.predict(model, data, split) for name, split in splits.items()}
     matrix = confusion_matrix(predicted["val"], data.val.labels, len(data.classes))
+    files = []
+    for name, split in splits.items():
+        n = trainer.scored(split, trainer.limit_val_batches)
+        files += save_predictions(job_dir, name, predicted[name][:n], split.labels[:n].cpu())
     report = {
         "classes": data.classes,
         "matrix": matrix.tolist(),
@@ -173,7 +176,7 @@ def log_diagnostics(
     run.log_text(json.dumps(report, indent=1), "confusion_matrix.json")
     example, _ = data.batch(data.val, torch.arange(min(4, len(data.val)), device=trainer.device))
     run.log_model(model, example.contiguous(), len(member.history))
-    run.log_artifacts([job_dir / f"{split}.npy" for split in predicted], "predictions")
+    run.log_artifacts(files, ARTIFACT_DIR)
     run.log_artifacts(
         [
             job_dir / "model.pt",

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
@@ -37,9 +37,13 @@ from gpool.compare import (
     Pair,
     RunCurves,
     factors,
+    markdown,
     mean_std_ci,
+    pairwise_rows,
+    summary_rows,
 )
 from gpool.plots import group_figure
+from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.ui import LOCAL_UI, share_comparison
 
 if TYPE_CHECKING:
@@ -79,10 +83,24 @@ def compare(sweep: Path, out: Path, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
-def group(name: str, finals: list[float], seeds: list[int]) -> Group:
-    """A group of runs with these final val accs and seeds (only what the statistics read)."""
-    runs = [SimpleNamespace(data=SimpleNamespace(params={"seed": str(s)})) for s in seeds]
-    return Group(name, [RunCurves(r, [v], [v]) for r, v in zip(runs, finals, strict=True)])
+def group(name: str, finals: list[float], seeds: list[int], images=None) -> Group:
+    """A group of runs with these final val accs and seeds (only what the statistics read),
+    and, given per-image scores [runs x images] (labels all 0), those."""
+    runs = [
+        SimpleNamespace(
+            info=SimpleNamespace(run_name=f"{name} seed {s}"),
+            data=SimpleNamespace(params={"seed": str(s)}),
+        )
+        for s in seeds
+    ]
+    curves = [RunCurves(r, [v], [v]) for r, v in zip(runs, finals, strict=True)]
+    for n, c in enumerate(curves):
+        c.images["val"] = (
+            "no predictions/val.npy"
+            if images is None
+            else ImageScores(images[n], np.zeros(images.shape[1], dtype=int))
+        )
+    return Group(name, curves)
 
 
 def test_statistics_match_their_definitions() -> None:
@@ -108,6 +126,29 @@ def test_the_same_seeds_are_compared_pairwise_in_seed_order() -> None:
     expected = stats.ttest_rel([0.80, 0.90, 0.70], [0.79, 0.905, 0.71])
     d = pair.points()
     assert (d.diff / d.se, d.p_difference()) == pytest.approx((expected.statistic, expected.pvalue))
+
+
+def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_seeds() -> None:
+    """Paired heads that disagree on many images: the interval over seeds and images is
+    wider than over seeds alone; one run without predictions puts its pair on seeds alone,
+    and the report says why."""
+    rng = np.random.default_rng(3)
+    draw = rng.random((4, 500))
+    image_a = (draw < rng.uniform(0.6, 1.0, 500)).astype(float)
+    image_b = (draw < rng.uniform(0.6, 1.0, 500)).astype(float)
+    a = group("a", list(image_a.mean(1)), [0, 1, 2, 3], image_a)
+    b = group("b", list(image_b.mean(1)), [0, 1, 2, 3], image_b)
+    both = Pair.of(a, b)
+    assert both.covers == "seeds and 500 images" and both.image_var() > 0
+    seeds = Pair(both.a, both.b, both.paired).points()
+    assert both.points().se > seeds.se and both.points().diff == pytest.approx(seeds.diff)
+    a.runs[2].images["val"] = "no predictions/val_labels.npy"
+    rows = pairwise_rows([a, b])
+    assert rows[0]["covers"] == "seeds alone"
+    assert rows[0]["ci_high"] - rows[0]["ci_low"] == pytest.approx(2 * 3.182446 * seeds.se)
+    report = markdown(summary_rows([a, b]), rows, "line", "val")
+    assert "seeds alone, not the test images" in report
+    assert "a seed 2: no predictions/val_labels.npy" in report
 
 
 def test_a_comparison_too_long_for_a_run_description_keeps_its_verdict() -> None:
@@ -139,13 +180,19 @@ def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Pa
     out = proc.stdout
     assert "6 finished runs from sweep" in out and "grouped by pool" in out
     assert "| pool=avg | 3 |" in out and "| pool=max | 3 |" in out
-    # both heads ran seeds 0, 1, 2: a paired test; one pair, so Holm changes nothing
+    # both heads ran seeds 0, 1, 2: a paired test; one pair, so Holm changes nothing; every
+    # run logged its 100 validation images' predictions: the interval covers them too
     row = next(line for line in out.splitlines() if line.startswith("| pool=avg | pool=max |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[5] == "paired t" and cells[2] in ("better", "equivalent", "undecided")
+    assert cells[5:7] == ["seeds and 100 images", "paired t"]
+    assert cells[2] in ("better", "equivalent", "undecided")
+    assert re.fullmatch(r"[01]\.\d\d \[[01]\.\d\d, [01]\.\d\d\]", cells[9])  # P(A > B)
     verdict = next(line for line in out.splitlines() if line.startswith("Verdict: "))
     answer = {"better": " is better than ", "equivalent": " are equivalent within ±0.5 points"}
     assert verdict.startswith("Verdict: pool=") and answer.get(cells[2], ": undecided") in verdict
+    assert "seeds alone" not in out
+    if "no test possible" not in verdict:  # tiny runs can tie on every seed
+        assert "over seeds and 100 images" in verdict
     first = (tmp_path / "out" / "comparison.md").read_text().splitlines()[0]
     made_by = f"python -m gpool.compare --tracking-uri sqlite:///{sweep}/mlflow.db --out"
     assert first.startswith("6 finished runs from sweep")
@@ -193,6 +240,38 @@ def test_compare_by_filter_parent_and_experiment(sweep: Path, tmp_path: Path) ->
     assert proc.returncode == 0 and "6 finished runs from selection" in proc.stdout
     proc = compare(sweep, tmp_path / "d", "--experiment", "nope")
     assert proc.returncode == 1 and "no MLflow experiment 'nope'" in proc.stderr
+
+
+def test_runs_without_usable_predictions_are_compared_on_seeds_alone(sweep: Path, tmp_path):
+    """A run whose labels file is gone (as for runs logged before gpool logged them) puts
+    its pair on seeds alone, and the report names the run and the reason; a pickle, or
+    predictions that do not score what the run logged, are no predictions either."""
+    client = store(sweep)
+    runs = sorted(
+        (r for r in client.search_runs(["1"]) if "gpool.role" not in r.data.tags),
+        key=lambda r: r.info.run_name,
+    )
+    folder = Path(urlparse(runs[0].info.artifact_uri).path) / "predictions"
+    labels = (folder / "val_labels.npy").read_bytes()
+    (folder / "val_labels.npy").unlink()
+    try:
+        proc = compare(sweep, tmp_path / "out")
+    finally:
+        (folder / "val_labels.npy").write_bytes(labels)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| pool=avg | pool"))
+    assert "| seeds alone | paired t |" in row
+    assert f"{runs[0].info.run_name}: no predictions/val_labels.npy" in proc.stdout
+    score = runs[1].data.metrics["val_acc"]
+    assert isinstance(fetch_image_scores(client, runs[1], "val", score), ImageScores)
+    assert "the run logged" in fetch_image_scores(client, runs[1], "val", score - 0.2)
+    other = Path(urlparse(runs[1].info.artifact_uri).path) / "predictions" / "val.npy"
+    predicted = other.read_bytes()
+    np.save(other, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    try:
+        assert "unreadable" in fetch_image_scores(client, runs[1], "val", score)
+    finally:
+        other.write_bytes(predicted)
 
 
 def test_tune_picks_each_heads_lr_on_validation_and_judges_it_on_test(

@@ -115,3 +115,105 @@ def test_the_seeds_to_decide_most_likely_decide(true_diff: float) -> None:
     assert (answers != stats.UNDECIDED).mean() >= 0.8 - 3 * math.sqrt(0.16 / SWEEPS)
     assert stats.seeds_to_decide(spread, 0.5, 0.5, True, ALPHA, 0.8) < math.inf
     assert math.isnan(stats.seeds_to_decide(0.0, 0.2, 0.5, True, ALPHA, 0.8))
+
+
+#: Test images per simulated sweep: the image term then matches the seed term at about 20
+#: seeds, as it does on gpool's quick sweep with FashionMNIST's 10,000 (the note of #22).
+IMAGES = 2000
+#: Each head's own effect per image, uniform in ±HEAD_SPREAD (fraction correct).
+HEAD_SPREAD = 0.06
+
+
+def crossed(rng: np.random.Generator, true_diff: float, seeds: int, paired: bool):
+    """Per-image scores (1 right, 0 wrong) of two heads over `seeds` seeds and IMAGES test
+    images drawn afresh from an image population: per image a difficulty shared by both
+    heads plus each head's own effect, per seed an offset (mostly shared by the two heads
+    when paired, as shared initial weights are), and, when paired, the same chance draw
+    for both heads on an image: they disagree on few images, as real heads do. The true
+    difference of the population's accuracies is `true_diff` exactly (nothing is clipped)."""
+    base = 0.1 + 0.8 * rng.beta(4, 1, IMAGES)
+    p_a = base + rng.uniform(-HEAD_SPREAD, HEAD_SPREAD, IMAGES) + true_diff / 2
+    p_b = base + rng.uniform(-HEAD_SPREAD, HEAD_SPREAD, IMAGES) - true_diff / 2
+    shared = rng.uniform(-0.015, 0.015, (seeds, 1))
+    other = shared if paired else rng.uniform(-0.015, 0.015, (seeds, 1))
+    draw = rng.random((seeds, IMAGES))
+    a = draw < p_a + shared + rng.uniform(-0.003, 0.003, (seeds, 1))
+    b = (draw if paired else rng.random((seeds, IMAGES))) < p_b + other + rng.uniform(
+        -0.003, 0.003, (seeds, 1)
+    )
+    return a.astype(float), b.astype(float)
+
+
+COVERAGE_SWEEPS = 2000
+
+
+@pytest.mark.parametrize(("seeds", "paired"), [(3, True), (10, True), (20, True), (10, False)])
+def test_the_interval_over_seeds_and_images_covers_the_truth(seeds: int, paired: bool) -> None:
+    """The 95 % interval covers the population's difference in 95 ± 1.5 % of simulated
+    sweeps (3 Monte-Carlo standard errors); on seeds alone it falls short once the seeds
+    are many, as the images' share no longer shrinks with them."""
+    rng = np.random.default_rng(seeds + 100 * paired)
+    covered, seeds_alone = 0, 0
+    for _ in range(COVERAGE_SWEEPS):
+        a, b = crossed(rng, 0.01, seeds, paired)
+        scores_a, scores_b = a.mean(1), b.mean(1)
+        both = stats.difference(scores_a, scores_b, paired, stats.image_variance(a, b, paired))
+        low, high = both.interval(0.95)
+        covered += low < 0.01 < high
+        low, high = stats.difference(scores_a, scores_b, paired).interval(0.95)
+        seeds_alone += low < 0.01 < high
+    assert abs(covered / COVERAGE_SWEEPS - 0.95) <= 0.015, covered / COVERAGE_SWEEPS
+    if seeds == 20:
+        assert seeds_alone / COVERAGE_SWEEPS < 0.9
+
+
+def test_the_image_variance_estimates_the_image_populations() -> None:
+    """Paired heads' per-image effects differ with variance 2 x (2 x HEAD_SPREAD)^2 / 12;
+    over IMAGES images that is the images' share, and the mean estimate finds it."""
+    rng = np.random.default_rng(7)
+    estimates = [stats.image_variance(*crossed(rng, 0.0, 5, True), True) for _ in range(400)]
+    truth = 2 * (2 * HEAD_SPREAD) ** 2 / 12 / IMAGES
+    assert np.mean(estimates) == pytest.approx(truth, rel=0.05)
+    assert stats.image_variance(np.ones((1, 9)), np.zeros((1, 9)), True) != 0  # NaN
+
+
+def test_the_two_way_bootstrap_is_owens_pigeonhole_bootstrap() -> None:
+    """Resampling seeds and images estimates the variance of the mean difference as the
+    seed means' variance over the seeds, plus the image means' over the images, plus the
+    interaction's over both (Owen 2007): the interaction counted three times, so above the
+    variance sum the interval uses."""
+    rng = np.random.default_rng(8)
+    a, b = crossed(rng, 0.01, 10, True)
+    d = a - b
+    seeds, images = d.shape
+    interaction = stats.residual_mean_square(d) * (seeds - 1) * (images - 1) / d.size
+    pigeonhole = d.mean(1).var() / seeds + d.mean(0).var() / images + interaction / d.size
+    runs_a, runs_b = stats.two_way_resamples(a, b, True, np.random.default_rng(0))
+    bootstrap = (runs_a.mean(1) - runs_b.mean(1)).var()
+    assert bootstrap == pytest.approx(pigeonhole, rel=0.1)
+    analytic = stats.difference(a.mean(1), b.mean(1), True, stats.image_variance(a, b, True))
+    assert analytic.se**2 < bootstrap
+
+
+def test_the_probability_of_improvement_and_its_interval() -> None:
+    """P(A > B) is the Mann-Whitney U over all pairs of runs; its interval holds it, and
+    resampling the images as well widens it."""
+    rng = np.random.default_rng(9)
+    a, b = crossed(rng, 0.005, 8, True)
+    scores_a, scores_b = a.mean(1), b.mean(1)
+    u = scipy_stats.mannwhitneyu(scores_a, scores_b).statistic
+    assert stats.improvement(scores_a, scores_b) == pytest.approx(u / 64)
+    assert stats.improvement([1, 2], [2, 2]) == pytest.approx(0.25)
+    seeds_only = stats.improvement_interval(scores_a, scores_b, True, 0.95)
+    with_images = stats.improvement_interval(a, b, True, 0.95)
+    assert seeds_only[0] <= stats.improvement(scores_a, scores_b) <= seeds_only[1]
+    assert with_images[1] - with_images[0] > seeds_only[1] - seeds_only[0]
+    assert stats.improvement_interval(a, b, True, 0.95) == with_images  # reproducible
+
+
+def test_the_images_noise_alone_can_keep_a_pair_undecided_at_any_seed_count() -> None:
+    """More seeds shrink only the seed term: a difference well inside the images' noise
+    needs no finite seed count; without images the same one does."""
+    assert stats.seeds_needed(1.0, 0.3, True, ALPHA, 0.8, image_var=0.05) == math.inf
+    assert stats.seeds_needed(1.0, 0.3, True, ALPHA, 0.8) == 90
+    assert stats.seeds_needed(1.0, 0.3, True, ALPHA, 0.8, image_var=0.001) > 90
