@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from gpool import GpoolError
 from gpool.cuda_graph import GraphedSteps, Step, blockers
-from gpool.data import ImageData, Split
+
+if TYPE_CHECKING:  # the data module pulls in torchvision (a second): not for a config's sake
+    from gpool.data import ImageData, Split
 
 log = logging.getLogger(__name__)
 

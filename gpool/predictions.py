@@ -1,41 +1,43 @@
 """Per-image predictions, as runs log them and gpool.compare reads them back: what lets a
 comparison's interval cover the test images as well as the seeds.
 
-Per split it scored, a run logs `predictions/<split>.npy` (the predicted classes) and
-`predictions/<split>_labels.npy` (the true ones), int16, in the order it scored them. Read
-back, they must be what they claim: small, plain integer arrays (no pickles), as long as each
-other, and scoring what the run logged as its final accuracy; anything else is no predictions,
-with the reason, and that run's group is compared on its seeds alone.
+Per split it scored, a run logs `predictions/<split>.npy`: an int16 array of two rows, the
+predicted and the true class of each image, in the order it scored them (one file a split:
+reading 280 runs' back over a tracking server is one listing and one download a run). Read
+back, it must be what it claims: small, a plain integer array (no pickle) of that shape, and
+scoring what the run logged as its final accuracy; anything else is no predictions, with the
+reason, and that run's group is compared on its seeds alone. Runs logged before 2026-12-02
+have a one-row file (predicted classes only): no predictions either.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mlflow import artifacts
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 ARTIFACT_DIR = "predictions"
-#: The most bytes read of one predictions file: two million images, far from filling a disk.
+#: The most bytes read of one predictions file: a million images, far from filling a disk.
 MOST_BYTES = 4 * 2**20
 
 
-def file_names(split: str) -> tuple[str, str]:
-    """The predicted and the true classes' file names for `split`."""
-    return f"{split}.npy", f"{split}_labels.npy"
+def file_name(split: str) -> str:
+    return f"{split}.npy"
 
 
-def save(folder: Path, split: str, predicted: Tensor, labels: Tensor) -> list[Path]:
-    """Write a split's predicted and true classes into `folder`; returns both paths."""
-    paths = [folder / name for name in file_names(split)]
-    for path, classes in zip(paths, (predicted, labels), strict=True):
-        np.save(path, classes.numpy().astype(np.int16))
-    return paths
+def save(folder: Path, split: str, predicted: Tensor, labels: Tensor) -> Path:
+    """Write a split's predicted and true classes into `folder`; returns the path."""
+    path = folder / file_name(split)
+    np.save(path, np.stack([predicted.numpy(), labels.numpy()]).astype(np.int16))
+    return path
 
 
 @dataclass(frozen=True)
@@ -46,41 +48,52 @@ class ImageScores:
     labels: np.ndarray
 
 
-def load_classes(path: Path) -> np.ndarray:
+def load(path: Path) -> np.ndarray:
+    """The [2 x images] integer array in `path`; ValueError for anything else."""
     classes = np.load(path, allow_pickle=False)
-    if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
-        raise ValueError(f"{path.name} holds {classes.dtype} of shape {classes.shape}")
+    if classes.ndim == 1:
+        raise ValueError("predicted classes only, no true ones (logged before 2026-12-02)")
+    if classes.ndim != 2 or len(classes) != 2 or not np.issubdtype(classes.dtype, np.integer):
+        raise ValueError(
+            f"{classes.dtype} of shape {classes.shape}, not predicted and true classes"
+        )
+    if not classes.shape[1]:
+        raise ValueError("no images")
     return classes
 
 
 def fetch_image_scores(
     client: MlflowClient, run: Run, split: str, score: float
 ) -> ImageScores | str:
-    """The run's per-image scores on `split`, or why it has none usable: the files missing
-    (a run logged before gpool logged them), too large, malformed, or not scoring `score`
-    (its final accuracy, a fraction; one image of slack for stacked members' arithmetic)."""
-    names = file_names(split)
+    """The run's per-image scores on `split`, or why it has none usable: the file missing,
+    too large, of another shape (a run logged before gpool logged the true classes), or not
+    scoring `score` (its final accuracy, a fraction; one image of slack for stacked
+    members' arithmetic)."""
+    name = f"{ARTIFACT_DIR}/{file_name(split)}"
+    # MLflow draws a progress bar per download: noise in a report of hundreds of runs
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # By the run's artifact URI (the store's, not a tag), not its id: the client's calls by
+    # run id fetch the run again each time, 3 requests more per run over a server.
+    folder_uri, uri = f"{run.info.artifact_uri}/{ARTIFACT_DIR}", client.tracking_uri
     try:
-        sizes = {
-            Path(a.path).name: a.file_size
-            for a in client.list_artifacts(run.info.run_id, ARTIFACT_DIR)
-        }
-        if missing := [n for n in names if n not in sizes]:
-            return f"no {ARTIFACT_DIR}/{missing[0]}"
-        if too_large := [n for n in names if (sizes[n] or 0) > MOST_BYTES]:
-            return f"{ARTIFACT_DIR}/{too_large[0]} is larger than {MOST_BYTES} bytes"
+        listed = artifacts.list_artifacts(artifact_uri=folder_uri, tracking_uri=uri)
+        sizes = {Path(a.path).name: a.file_size for a in listed}
+        if file_name(split) not in sizes:
+            return f"no {name}"
+        if (sizes[file_name(split)] or 0) > MOST_BYTES:
+            return f"{name} is larger than {MOST_BYTES} bytes"
         with tempfile.TemporaryDirectory(prefix="gpool-predictions-") as folder:
-            predicted, labels = (
-                load_classes(
-                    Path(client.download_artifacts(run.info.run_id, f"{ARTIFACT_DIR}/{n}", folder))
-                )
-                for n in names
+            path = artifacts.download_artifacts(
+                artifact_uri=f"{folder_uri}/{file_name(split)}", dst_path=folder, tracking_uri=uri
             )
-    except (MlflowException, OSError, ValueError) as err:
-        return f"{ARTIFACT_DIR} unreadable ({str(err).splitlines()[0][:200]})"
-    if len(predicted) != len(labels) or not len(labels):
-        return f"{len(predicted)} predictions for {len(labels)} labels"
+            predicted, labels = load(Path(path))
+    except ValueError as err:  # np.load's refusal of a pickle included
+        return f"{name}: {str(err).splitlines()[0][:200]}"
+    except (MlflowException, OSError, EOFError) as err:  # EOFError: a truncated file
+        return f"{name} unreadable ({str(err).splitlines()[0][:200]})"
+    except RuntimeError:  # MLflow downloads in threads, which cannot start at exit
+        return f"{name} not read: a sweep closed as the process exits reads no artifacts"
     correct = (predicted == labels).astype(np.float64)
     if abs(correct.mean() - score) > max(1e-3, 1 / len(labels)) + 1e-9:
-        return f"{ARTIFACT_DIR} score {correct.mean():.4f}, the run logged {score:.4f}"
+        return f"{name} scores {correct.mean():.4f}, the run logged {score:.4f}"
     return ImageScores(correct, labels)

@@ -189,16 +189,26 @@ def seeds_for(
 ) -> float:
     """Seeds per group (pairs, when paired) at which a t-test finds `diff` with `power` at
     `alpha`, given the spread per seed and the images' variance. More seeds shrink only
-    the seed term, so this is a search over seed counts up to MOST_SEEDS; inf past it
-    (the images' noise alone, or a tiny difference, keeps the pair open)."""
-    n = np.arange(2, MOST_SEEDS + 1)
-    effect = abs(diff) / np.sqrt(spread**2 + n * image_var / (1 if paired else 2))
-    if paired:
-        reach = TTestPower().power(effect, n, alpha, alternative=alternative)
-    else:
-        reach = TTestIndPower().power(effect, n, alpha, ratio=1.0, alternative=alternative)
-    hits = np.flatnonzero(reach >= power)
-    return float(n[hits[0]]) if hits.size else math.inf
+    the seed term, so this is a search over seed counts up to MOST_SEEDS (power grows with
+    them: bisection); inf past it (the images' noise alone, or a tiny difference, keeps
+    the pair open)."""
+
+    def reaches(n: int) -> bool:
+        """Whether n seeds give `power`; statsmodels' NaN comes where it is all but 1."""
+        effect = abs(diff) / math.sqrt(spread**2 + n * image_var / (1 if paired else 2))
+        if paired:
+            got = TTestPower().power(effect, n, alpha, alternative=alternative)
+        else:
+            got = TTestIndPower().power(effect, n, alpha, 1.0, alternative=alternative)
+        return not got < power
+
+    if not reaches(MOST_SEEDS):
+        return math.inf
+    low, high = 1, MOST_SEEDS  # reaches(high); a t-test needs at least 2 seeds
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if reaches(middle) else (middle, high)
+    return float(max(2, high))
 
 
 def seeds_needed(
@@ -244,47 +254,51 @@ def improvement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a > b).mean((-2, -1)) + 0.5 * (a == b).mean((-2, -1))
 
 
-def image_resampled(scores: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Each run's mean score over `resamples` bootstrap draws of the images
-    ([resamples x runs] from [runs x images]); the same draws for every run, as every run
-    saw the same images."""
-    runs, images = scores.shape
-    means = np.empty((resamples, runs))
-    chunk = max(1, 2**22 // images)  # a few MB of weights at a time
-    for start in range(0, resamples, chunk):
-        count = min(chunk, resamples - start)
-        weights = np.stack(
-            [np.bincount(rng.integers(images, size=images), minlength=images) for _ in range(count)]
-        )
-        means[start : start + count] = weights @ scores.T / images
-    return means
+def image_weights(images: int, rng: np.random.Generator) -> np.ndarray:
+    """RESAMPLES bootstrap draws of `images` images, as counts per image
+    ([RESAMPLES x images]): the same draws serve every run, as every run saw the same
+    images."""
+    draws = rng.integers(images, size=(RESAMPLES, images))
+    return np.stack([np.bincount(d, minlength=images) for d in draws]).astype(np.float32)
+
+
+def image_resampled(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each run's mean score in each draw of image_weights: [draws x runs] from
+    per-image scores [runs x images]."""
+    return weights @ scores.T.astype(np.float32) / scores.shape[1]
+
+
+def seed_resampled(
+    runs_a: np.ndarray, runs_b: np.ndarray, paired: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seeds resampled within each draw (the same ones for both groups when paired):
+    [RESAMPLES x seeds] each, from per-run scores, one row per draw ([RESAMPLES x seeds],
+    the images resampled) or one for all (seeds alone)."""
+    runs_a = np.broadcast_to(runs_a, (RESAMPLES, np.shape(runs_a)[-1]))
+    runs_b = np.broadcast_to(runs_b, (RESAMPLES, np.shape(runs_b)[-1]))
+    pick_a = rng.integers(runs_a.shape[1], size=runs_a.shape)
+    pick_b = pick_a if paired else rng.integers(runs_b.shape[1], size=runs_b.shape)
+    return np.take_along_axis(runs_a, pick_a, 1), np.take_along_axis(runs_b, pick_b, 1)
 
 
 def two_way_resamples(
     a: np.ndarray, b: np.ndarray, paired: bool, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RESAMPLES bootstrap draws of both groups' per-run scores ([draws x seeds] each):
-    the seeds resampled (the same ones for both groups when paired) and, given per-image
-    scores ([seeds x images], the same images for both), the images too, shared by both
-    groups: the two-way bootstrap of a crossed design (Owen 2007), mildly conservative."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    n_a, n_b = len(a), len(b)
-    if a.ndim == 2:
-        means = image_resampled(np.concatenate([a, b]), RESAMPLES, rng)
-        runs_a, runs_b = means[:, :n_a], means[:, n_a:]
-    else:
-        runs_a, runs_b = np.tile(a, (RESAMPLES, 1)), np.tile(b, (RESAMPLES, 1))
-    pick_a = rng.integers(n_a, size=(RESAMPLES, n_a))
-    pick_b = pick_a if paired else rng.integers(n_b, size=(RESAMPLES, n_b))
-    return np.take_along_axis(runs_a, pick_a, 1), np.take_along_axis(runs_b, pick_b, 1)
+    """The two-way bootstrap of a crossed design (Owen 2007), mildly conservative: from
+    both groups' per-image scores ([seeds x images], the same images), RESAMPLES draws of
+    their per-run scores with the images resampled, shared by both groups, and then the
+    seeds."""
+    weights = image_weights(np.shape(a)[1], rng)
+    return seed_resampled(image_resampled(a, weights), image_resampled(b, weights), paired, rng)
 
 
 def improvement_interval(
-    a: np.ndarray, b: np.ndarray, paired: bool, level: float, seed: int = 0
+    runs_a: np.ndarray, runs_b: np.ndarray, paired: bool, level: float, seed: int = 0
 ) -> tuple[float, float]:
-    """The percentile bootstrap interval of P(A > B) over two_way_resamples of the runs'
-    scores (or per-image scores); the same for a given `seed`."""
-    resampled = improvement(*two_way_resamples(a, b, paired, np.random.default_rng(seed)))
+    """The percentile bootstrap interval of P(A > B), from per-run scores with or without
+    the images' draws (see seed_resampled); the same for a given `seed`."""
+    rng = np.random.default_rng(seed)
+    resampled = improvement(*seed_resampled(runs_a, runs_b, paired, rng))
     low, high = np.quantile(resampled, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
 

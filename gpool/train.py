@@ -167,7 +167,7 @@ def log_diagnostics(
     files = []
     for name, split in splits.items():
         n = trainer.scored(split, trainer.limit_val_batches)
-        files += save_predictions(job_dir, name, predicted[name][:n], split.labels[:n].cpu())
+        files.append(save_predictions(job_dir, name, predicted[name][:n], split.labels[:n].cpu()))
     report = {
         "classes": data.classes,
         "matrix": matrix.tolist(),

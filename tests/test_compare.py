@@ -142,13 +142,13 @@ def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_see
     assert both.covers == "seeds and 500 images" and both.image_var() > 0
     seeds = Pair(both.a, both.b, both.paired).points()
     assert both.points().se > seeds.se and both.points().diff == pytest.approx(seeds.diff)
-    a.runs[2].images["val"] = "no predictions/val_labels.npy"
+    a.runs[2].images["val"] = "no predictions/val.npy"
     rows = pairwise_rows([a, b])
     assert rows[0]["covers"] == "seeds alone"
     assert rows[0]["ci_high"] - rows[0]["ci_low"] == pytest.approx(2 * 3.182446 * seeds.se)
     report = markdown(summary_rows([a, b]), rows, "line", "val")
     assert "seeds alone, not the test images" in report
-    assert "a seed 2: no predictions/val_labels.npy" in report
+    assert "a seed 2: no predictions/val.npy" in report
 
 
 def test_a_comparison_too_long_for_a_run_description_keeps_its_verdict() -> None:
@@ -243,35 +243,36 @@ def test_compare_by_filter_parent_and_experiment(sweep: Path, tmp_path: Path) ->
 
 
 def test_runs_without_usable_predictions_are_compared_on_seeds_alone(sweep: Path, tmp_path):
-    """A run whose labels file is gone (as for runs logged before gpool logged them) puts
-    its pair on seeds alone, and the report names the run and the reason; a pickle, or
-    predictions that do not score what the run logged, are no predictions either."""
+    """A run whose predictions file holds predicted classes only (as runs logged before
+    2026-12-02 do) puts its pair on seeds alone, and the report names the run and the
+    reason; a pickle, or predictions that do not score what the run logged, are no
+    predictions either."""
     client = store(sweep)
     runs = sorted(
         (r for r in client.search_runs(["1"]) if "gpool.role" not in r.data.tags),
         key=lambda r: r.info.run_name,
     )
-    folder = Path(urlparse(runs[0].info.artifact_uri).path) / "predictions"
-    labels = (folder / "val_labels.npy").read_bytes()
-    (folder / "val_labels.npy").unlink()
+    path = Path(urlparse(runs[0].info.artifact_uri).path) / "predictions" / "val.npy"
+    logged = path.read_bytes()
+    np.save(path, np.load(path)[0])  # the old format: no true classes
     try:
         proc = compare(sweep, tmp_path / "out")
     finally:
-        (folder / "val_labels.npy").write_bytes(labels)
+        path.write_bytes(logged)
     assert proc.returncode == 0, proc.stderr
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| pool=avg | pool"))
     assert "| seeds alone | paired t |" in row
-    assert f"{runs[0].info.run_name}: no predictions/val_labels.npy" in proc.stdout
+    assert f"{runs[0].info.run_name}: predictions/val.npy: predicted classes only" in proc.stdout
     score = runs[1].data.metrics["val_acc"]
     assert isinstance(fetch_image_scores(client, runs[1], "val", score), ImageScores)
     assert "the run logged" in fetch_image_scores(client, runs[1], "val", score - 0.2)
     other = Path(urlparse(runs[1].info.artifact_uri).path) / "predictions" / "val.npy"
-    predicted = other.read_bytes()
+    logged = other.read_bytes()
     np.save(other, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     try:
-        assert "unreadable" in fetch_image_scores(client, runs[1], "val", score)
+        assert "pickle" in fetch_image_scores(client, runs[1], "val", score)
     finally:
-        other.write_bytes(predicted)
+        other.write_bytes(logged)
 
 
 def test_tune_picks_each_heads_lr_on_validation_and_judges_it_on_test(

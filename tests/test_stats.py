@@ -205,10 +205,13 @@ def test_the_probability_of_improvement_and_its_interval() -> None:
     assert stats.improvement(scores_a, scores_b) == pytest.approx(u / 64)
     assert stats.improvement([1, 2], [2, 2]) == pytest.approx(0.25)
     seeds_only = stats.improvement_interval(scores_a, scores_b, True, 0.95)
-    with_images = stats.improvement_interval(a, b, True, 0.95)
+    weights = stats.image_weights(IMAGES, rng)
+    drawn = stats.image_resampled(a, weights), stats.image_resampled(b, weights)
+    assert drawn[0].mean(0) == pytest.approx(scores_a, abs=0.002)  # draws centre on the scores
+    with_images = stats.improvement_interval(*drawn, True, 0.95)
     assert seeds_only[0] <= stats.improvement(scores_a, scores_b) <= seeds_only[1]
     assert with_images[1] - with_images[0] > seeds_only[1] - seeds_only[0]
-    assert stats.improvement_interval(a, b, True, 0.95) == with_images  # reproducible
+    assert stats.improvement_interval(*drawn, True, 0.95) == with_images  # reproducible
 
 
 def test_the_images_noise_alone_can_keep_a_pair_undecided_at_any_seed_count() -> None:

@@ -164,10 +164,10 @@ def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: 
             tracking_uri=uri,
             dst_path=str(tmp_path / "download" / logged.info.run_id),
         )
-        assert sorted(p.name for p in Path(folder).iterdir()) == sorted(
-            f"{s}{kind}.npy" for s in splits for kind in ("", "_labels")
-        )
-    predicted, labels = (np.load(Path(folder) / name) for name in ("val.npy", "val_labels.npy"))
+        assert sorted(p.name for p in Path(folder).iterdir()) == [
+            f"{s}.npy" for s in sorted(splits)
+        ]
+    predicted, labels = np.load(Path(folder) / "val.npy")  # predicted and true classes
     assert predicted.shape == labels.shape == (64,) and predicted.dtype == np.int16
     assert (predicted == labels).mean() == pytest.approx(held.data.metrics["val_acc"])
 
