@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -162,15 +162,17 @@ class Pair:
             return "seeds alone"
         return f"seeds and {self.images[0].shape[1]} images"
 
+    @cached_property
     def image_var(self) -> float:
-        """The test images' share of the difference's variance (points squared)."""
+        """The test images' share of the difference's variance (points squared), computed
+        once: the interval, the power and the seeds needed all read it."""
         if isinstance(self.images, str):
             return 0.0
         return stats.image_variance(*self.images, self.paired) * 100**2
 
     def points(self) -> stats.Difference:
         """A - B in points of accuracy, with its standard error over seeds and images."""
-        return stats.difference(self.a * 100, self.b * 100, self.paired, self.image_var())
+        return stats.difference(self.a * 100, self.b * 100, self.paired, self.image_var)
 
     def improvement(self, level: float) -> tuple[float, float, float]:
         """P(A > B) over the pair's runs, and its `level` bootstrap interval (over seeds
@@ -193,11 +195,11 @@ class Pair:
     def detectable(self, alpha: float = ALPHA) -> float:
         """The smallest difference (points) these seeds detect with POWER at `alpha`."""
         n_a, n_b, spread = len(self.a), len(self.b), self.spread()
-        return stats.detectable(spread, n_a, n_b, self.paired, alpha, POWER, self.image_var())
+        return stats.detectable(spread, n_a, n_b, self.paired, alpha, POWER, self.image_var)
 
     def seeds_needed(self, points: float, alpha: float = ALPHA) -> float:
         """Seeds per group to detect a difference of `points` with POWER at `alpha`."""
-        spread, image_var = self.spread(), self.image_var()
+        spread, image_var = self.spread(), self.image_var
         return stats.seeds_needed(spread, points, self.paired, alpha, POWER, image_var)
 
 
@@ -400,7 +402,7 @@ def pairwise_rows(
             "p_improvement_high": improvement_high,
             "detectable_points": pair.detectable(alpha),
             "seeds_to_decide": stats.seeds_to_decide(
-                pair.spread(), d.diff, margin, pair.paired, alpha, POWER, pair.image_var()
+                pair.spread(), d.diff, margin, pair.paired, alpha, POWER, pair.image_var
             ),
         }
         if detect is not None:

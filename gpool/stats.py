@@ -257,7 +257,8 @@ def improvement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def image_weights(images: int, rng: np.random.Generator) -> np.ndarray:
     """RESAMPLES bootstrap draws of `images` images, as counts per image
     ([RESAMPLES x images]): the same draws serve every run, as every run saw the same
-    images."""
+    images. With seed_resampled after image_resampled, the two-way bootstrap of a crossed
+    design (Owen 2007), mildly conservative."""
     draws = rng.integers(images, size=(RESAMPLES, images))
     return np.stack([np.bincount(d, minlength=images) for d in draws]).astype(np.float32)
 
@@ -279,17 +280,6 @@ def seed_resampled(
     pick_a = rng.integers(runs_a.shape[1], size=runs_a.shape)
     pick_b = pick_a if paired else rng.integers(runs_b.shape[1], size=runs_b.shape)
     return np.take_along_axis(runs_a, pick_a, 1), np.take_along_axis(runs_b, pick_b, 1)
-
-
-def two_way_resamples(
-    a: np.ndarray, b: np.ndarray, paired: bool, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """The two-way bootstrap of a crossed design (Owen 2007), mildly conservative: from
-    both groups' per-image scores ([seeds x images], the same images), RESAMPLES draws of
-    their per-run scores with the images resampled, shared by both groups, and then the
-    seeds."""
-    weights = image_weights(np.shape(a)[1], rng)
-    return seed_resampled(image_resampled(a, weights), image_resampled(b, weights), paired, rng)
 
 
 def improvement_interval(

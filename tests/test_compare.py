@@ -139,7 +139,7 @@ def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_see
     a = group("a", list(image_a.mean(1)), [0, 1, 2, 3], image_a)
     b = group("b", list(image_b.mean(1)), [0, 1, 2, 3], image_b)
     both = Pair.of(a, b)
-    assert both.covers == "seeds and 500 images" and both.image_var() > 0
+    assert both.covers == "seeds and 500 images" and both.image_var > 0
     seeds = Pair(both.a, both.b, both.paired).points()
     assert both.points().se > seeds.se and both.points().diff == pytest.approx(seeds.diff)
     a.runs[2].images["val"] = "no predictions/val.npy"

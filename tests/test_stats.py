@@ -189,7 +189,10 @@ def test_the_two_way_bootstrap_is_owens_pigeonhole_bootstrap() -> None:
     seeds, images = d.shape
     interaction = stats.residual_mean_square(d) * (seeds - 1) * (images - 1) / d.size
     pigeonhole = d.mean(1).var() / seeds + d.mean(0).var() / images + interaction / d.size
-    runs_a, runs_b = stats.two_way_resamples(a, b, True, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    weights = stats.image_weights(images, rng)
+    drawn = stats.image_resampled(a, weights), stats.image_resampled(b, weights)
+    runs_a, runs_b = stats.seed_resampled(*drawn, True, rng)
     bootstrap = (runs_a.mean(1) - runs_b.mean(1)).var()
     assert bootstrap == pytest.approx(pigeonhole, rel=0.1)
     analytic = stats.difference(a.mean(1), b.mean(1), True, stats.image_variance(a, b, True))
