@@ -52,28 +52,51 @@ def plot_class_maps(
 
     Maps share one colour scale per row so that the strongest class map stands out, which is
     what GAP (its mean) and GMP (its peak) turn into the score. At most MAX_DRAWN images
-    and class maps are drawn (the first classes'; the title says so).
+    and class maps are drawn (the first classes'; the title says so). A row's maps are one
+    tiled image: a panel per map took 1.3 s of every run's end for ten classes.
     """
     rows, k = min(maps.shape[0], MAX_DRAWN), min(maps.shape[1], MAX_DRAWN)
-    fig, axes = plt.subplots(rows, k + 1, figsize=(1.3 * (k + 1), 1.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows,
+        2,
+        figsize=(1.3 + 1.1 * k, 1.4 * rows),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1, k], "wspace": 0.05, "hspace": 0.5},
+    )
+    colours = plt.get_cmap("viridis").with_extremes(bad="white")
     for r in range(rows):
         image = images[r].permute(1, 2, 0).squeeze(-1).numpy()
         axes[r, 0].imshow(image, cmap="gray" if image.ndim == 2 else None)
         axes[r, 0].set_title(f"{classes[labels[r]]}\n-> {classes[predicted[r]]}", fontsize=7)
-        low, high = maps[r].min().item(), maps[r].max().item()
-        for c in range(k):
-            axes[r, c + 1].imshow(maps[r, c].numpy(), cmap="viridis", vmin=low, vmax=high)
-            if r == 0:
-                axes[r, c + 1].set_title(classes[c], fontsize=7)
+        tiles, centres = tiled(maps[r, :k].numpy())
+        axes[r, 1].imshow(tiles, cmap=colours, vmin=np.nanmin(tiles), vmax=np.nanmax(tiles))
+        axes[r, 1].set_xticks(centres, classes[:k] if r == 0 else [], fontsize=7)
+        axes[r, 1].xaxis.tick_top()
+        axes[r, 1].tick_params(length=0)
+        axes[r, 1].set_anchor("W")  # next to its input, whatever the figure's width
     for ax in axes.flat:
-        ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_frame_on(False)
+    axes[0, 0].set_xticks([])
+    for ax in axes[1:, 0]:
+        ax.set_xticks([])
     drawn = f"; the first {k} of {maps.shape[1]} classes" if k < maps.shape[1] else ""
     fig.suptitle(f"class maps before the global pool (row: true -> predicted){drawn}", fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - 0.6 / (1.4 * rows))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def tiled(maps: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Maps [k, h, w] side by side, a blank (NaN) column between them; and the centre column
+    of each, where its class name goes."""
+    k, h, w = maps.shape
+    gap = max(1, w // 6)
+    tiles = np.full((h, k * (w + gap) - gap), np.nan, dtype=np.float32)
+    for c in range(k):
+        tiles[:, c * (w + gap) : c * (w + gap) + w] = maps[c]
+    return tiles, [c * (w + gap) + (w - 1) / 2 for c in range(k)]
 
 
 def plot_confusion(matrix: Tensor, classes: Sequence[str], path: Path) -> Path:
