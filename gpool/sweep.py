@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpool import GpoolError, stats
 from gpool.compare import ALPHA, MARGIN, publish_comparison
-from gpool.config import override_key
+from gpool.config import check_values, override_key
 from gpool.resume import (
     LAUNCHER_PID_ENV,
     affects_result,
@@ -188,6 +188,10 @@ class SweepTracking(Callback):
         return client, experiment
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_values(config)
+        except GpoolError:  # the job refuses it in Hydra's words, and no store is created
+            return
         self.prepare(config, config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 import gpool
 from gpool import GpoolError
+from gpool.compare import arguments as compare_arguments
 from gpool.config import CONF_DIR, GROUPS, check_values
 from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages
@@ -227,3 +228,18 @@ def test_the_same_sweep_in_another_order_is_the_same_sweep() -> None:
     assert key("seed=1,0", "pool=max,avg") == key("pool=avg,max", "seed=0,1")
     assert key("seed=0,1", "pool=avg,max") != key("seed=0,1,2", "pool=avg,max")
     assert key("seed=0") != key("seed=1")
+
+
+@pytest.mark.parametrize("points", ["0", "-1", "nan", "inf", "100", "abc"])
+@pytest.mark.parametrize("option", ["--detect", "--margin"])
+def test_compare_refuses_points_that_are_no_margin_in_one_line(
+    option: str, points: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused while the arguments are read, before any store is opened: argparse's usage
+    and one line naming the value, exit status 2."""
+    with pytest.raises(SystemExit) as stop:
+        compare_arguments([option, points])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{points!r} is no number of points in (0, 100)" in err and "Traceback" not in err
+    assert compare_arguments([option, "0.5"]).__dict__[option[2:]] == 0.5

@@ -494,7 +494,8 @@ def test_a_mistake_is_one_line_and_leaves_no_run(
     tmp_path: Path, idx_root: Path, overrides: tuple[str, ...], message: str
 ) -> None:
     one_clear_line(run_gpool(tmp_path, idx_root, *SHORT, *overrides), message)
-    assert job_runs(tmp_path) == []
+    # Values the config check refuses create no store at all; others leave it without runs.
+    assert not (tmp_path / "mlflow.db").exists() or job_runs(tmp_path) == []
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounts a small tmpfs")
@@ -552,9 +553,6 @@ def test_compare_mistakes_are_one_line(tmp_path: Path, idx_root: Path) -> None:
     assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
     one_clear_line(compare(tmp_path, "--parent", "0123456789abcdef"), "0123456789abcdef")
     one_clear_line(compare(tmp_path, "--filter", "tags.pool = = 'avg'"), "nvalid")
-    for points in ("0", "-1", "nan", "inf"):
-        one_clear_line(compare(tmp_path, "--detect", points), "is no number of points")
-        one_clear_line(compare(tmp_path, "--margin", points), "is no number of points")
     # What else lives in an experiment: a notebook's FINISHED run without val_acc, and a
     # run whose group tag someone removed. Both compared or named, no KeyError.
     client = store(tmp_path)
