@@ -188,8 +188,8 @@ class SweepTracking(Callback):
         return client, experiment
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_values(config)
+        try:  # the job's own keys: the callback's copy leaves Hydra's runtime values unset
+            check_values(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
         except GpoolError:  # the job refuses it in Hydra's words, and no store is created
             return
         self.prepare(config, config.hydra.run.dir, "hydra.run.dir")

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     DEBIAN_DIR,
-    LONG,
     history,
     job_runs,
     options,
@@ -176,18 +175,22 @@ def test_a_killed_fused_sweep_resumes_every_member_exactly(tmp_path: Path, big_r
             ), (name, key)
 
 
+TWICE_LONG = ("trainer.epochs=16", "trainer.log_every_n_steps=10")
+
+
 def test_a_config_a_fused_sweep_will_resume_later_is_not_trained_beside_it(
     tmp_path: Path, big_root: Path
 ) -> None:
     """A single run stopped after an epoch; a fused sweep holding that config (it resumes
     it after the group that starts fresh); the single command again while that first
     group trains. The config is trained once: the single command waits for the sweep's
-    claim, then finds the run RUNNING; every epoch is logged once."""
+    claim, then finds the run RUNNING; every epoch is logged once. Twice as long as LONG:
+    the single command's start-up (seconds) must fall within the sweep's training."""
     single = start_gpool(
         tmp_path,
         big_root,
         "pool=max",
-        *LONG,
+        *TWICE_LONG,
         f"hydra.run.dir={tmp_path}/single",
         until=[tmp_path / "single" / "checkpoint.pt"],
     )
@@ -198,18 +201,18 @@ def test_a_config_a_fused_sweep_will_resume_later_is_not_trained_beside_it(
         big_root,
         FUSED,
         "pool=avg,max",
-        *LONG,
+        *TWICE_LONG,
         f"hydra.sweep.dir={tmp_path}/multirun",
         until=[tmp_path / "multirun" / "0" / "checkpoint.pt"],
         multirun=True,
     )
-    again = run_gpool(tmp_path, big_root, "pool=max", *LONG)
+    again = run_gpool(tmp_path, big_root, "pool=max", *TWICE_LONG)
     sweep.communicate(timeout=300)
     assert sweep.returncode == 0
     assert again.returncode != 0 and "already running" in again.stderr, again.stdout
     run = by_name(tmp_path)["pool=max seed=0"]
     assert run.info.status == "FINISHED"
-    assert [step for step, _ in history(tmp_path, run.info.run_id, "val_acc")] == list(range(1, 9))
+    assert [step for step, _ in history(tmp_path, run.info.run_id, "val_acc")] == list(range(1, 17))
 
 
 def test_a_nan_member_fails_alone_and_a_finished_one_is_skipped(
