@@ -36,7 +36,7 @@ from scipy.stats import t as student_t
 
 from gpool import PROJECT_ROOT, GpoolError, stats
 from gpool.config import GROUPS, compose_config
-from gpool.plots import plot_group_curves
+from gpool.plots import plot_forest, plot_group_curves, plot_pairwise
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result, one_per_config
 from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
@@ -636,23 +636,79 @@ def tune_groups(
     return others, groups, chosen
 
 
-def write_report(out: Path, report: str, summary: Sequence[dict], groups: Sequence[Group]):
-    """comparison.md, .csv and .png in `out`; returns their paths."""
+def versus(row: dict) -> str:
+    """A pair's answer from its A group's side: better or worse (either qualified by the
+    margin), equivalent, undecided."""
+    if row["answer"] in (stats.BETTER, stats.BETTER_WITHIN) and row["diff_points"] < 0:
+        return row["answer"].replace(stats.BETTER, "worse")
+    return row["answer"]
+
+
+def forest_rows(comparison: Comparison) -> list[dict]:
+    """Per group, best first: its final accuracy with its interval over seeds, its answer
+    against the leader and their difference's interval (plots.plot_forest)."""
+    key = f"final_{comparison.groups[0].split}_acc_mean"  # summary_rows' key
+    ranked = sorted(comparison.summary, key=lambda r: r[key], reverse=True)
+    leader = ranked[0]["group"]
+    rows = []
+    for summary in ranked:
+        row = {
+            "group": summary["group"],
+            "mean": summary[key],
+            "low": summary["ci95_low"],
+            "high": summary["ci95_high"],
+            "answer": "leader",
+            "label": "leader",
+        }
+        if summary["group"] != leader:
+            pair = next(p for p in comparison.pairs if {p["a"], p["b"]} == {leader, row["group"]})
+            pair = leader_first(pair, row["group"])
+            row["answer"] = versus(pair)
+            row["label"] = (
+                f"{row['answer']}: {pair['diff_points']:+.2f} "
+                f"[{pair['ci_low']:+.2f}, {pair['ci_high']:+.2f}]"
+            )
+        rows.append(row)
+    return rows
+
+
+def pairwise_cells(pairs: Sequence[dict]) -> dict[tuple[str, str], dict]:
+    """Each ordered pair of groups: A minus B in points and A's answer against B."""
+    cells = {}
+    for pair in pairs:
+        for a, b in ((pair["a"], pair["b"]), (pair["b"], pair["a"])):
+            row = leader_first(pair, a)
+            cells[(a, b)] = {"diff": row["diff_points"], "answer": versus(row)}
+    return cells
+
+
+def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
+    """comparison.md, .csv and .png (curves) in `out`, and for two groups or more
+    forest.png (the ranking and its answers) and pairwise.png; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(report)
     with (out / "comparison.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer = csv.DictWriter(f, fieldnames=list(comparison.summary[0]))
         writer.writeheader()
-        writer.writerows(summary)
+        writer.writerows(comparison.summary)
     curves = {
         g.name: {
             "validation": [r.val_acc for r in g.runs],
             "training": [r.train_acc for r in g.runs],
         }
-        for g in groups
+        for g in comparison.groups
     }
-    figure = plot_group_curves(curves, out / "comparison.png")
-    return [out / "comparison.md", out / "comparison.csv", figure]
+    paths = [out / "comparison.md", out / "comparison.csv"]
+    paths.append(plot_group_curves(curves, out / "comparison.png"))
+    if comparison.pairs:
+        rows, split = forest_rows(comparison), comparison.groups[0].split
+        interval = f"its {ci_label(comparison.alpha)}"
+        paths.append(
+            plot_forest(rows, comparison.margin, f"{split} acc", interval, out / "forest.png")
+        )
+        names = [r["group"] for r in rows]
+        paths.append(plot_pairwise(names, pairwise_cells(comparison.pairs), out / "pairwise.png"))
+    return paths
 
 
 @dataclass
@@ -666,6 +722,8 @@ class Comparison:
     groups: list[Group]
     factors: list[str] = field(default_factory=list)  # what the groups differ in
     pairs: list[dict] = field(default_factory=list)  # pairwise_rows: every pair's answer
+    margin: float = MARGIN  # the equivalence margin the answers used
+    alpha: float = ALPHA  # ... and their level
 
     def note(self) -> str:
         """The run description: the whole report, or, past MLflow's limit on a tag's value
@@ -714,7 +772,7 @@ def compare_jobs(
         table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
     source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
     header = f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}"
-    return Comparison(header, table, line, summary, groups, names, pairs)
+    return Comparison(header, table, line, summary, groups, names, pairs, margin, alpha)
 
 
 def metric_key(group: str, statistic: str) -> str:
@@ -757,7 +815,7 @@ def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: li
 def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:
     """comparison.md (headed by how it was made), .csv and .png in `out`."""
     report = f"{comparison.header}; {made}\n\n{comparison.table}"
-    return write_report(out, report, comparison.summary, comparison.groups)
+    return write_report(out, report, comparison)
 
 
 def publish_comparison(

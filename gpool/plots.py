@@ -160,3 +160,88 @@ def plot_group_curves(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+#: A pair's answer from the row group's side (see compare.versus): the colour it is drawn in.
+ANSWER_COLOURS = {
+    "leader": "black",
+    "better": "tab:green",
+    "better, by less than the margin": "yellowgreen",
+    "equivalent": "tab:blue",
+    "undecided": "tab:gray",
+    "worse, by less than the margin": "lightsalmon",
+    "worse": "tab:red",
+}
+
+
+def plot_forest(
+    rows: Sequence[Mapping], margin: float, metric: str, interval: str, path: Path
+) -> Path:
+    """Each group's final accuracy with its interval over seeds, best first; the leader's
+    ±margin band; and, per group, its answer against the leader with the difference's
+    interval (`rows`: compare.forest_rows). Where curves overlap, this shows the ranking and
+    which of it is decided."""
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)), layout="constrained")
+    leader = rows[0]["mean"]
+    ax.axvspan(leader - margin, leader + margin, color="tab:blue", alpha=0.12, lw=0)
+    ax.axvline(leader, color="tab:blue", lw=0.8)
+    for y, row in enumerate(rows):
+        colour = ANSWER_COLOURS[row["answer"]]
+        ax.errorbar(
+            row["mean"],
+            y,
+            xerr=[[row["mean"] - row["low"]], [row["high"] - row["mean"]]],
+            fmt="o",
+            color=colour,
+            capsize=3,
+        )
+        ax.annotate(
+            row["label"],
+            (1.01, y),
+            xycoords=("axes fraction", "data"),
+            va="center",
+            fontsize=8,
+            color=colour,
+        )
+    ax.set_yticks(range(len(rows)), [r["group"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"final {metric} (points; bars: 95% CI over seeds)")
+    ax.set_title(
+        f"against the leader: band = its ±{margin:g}-point margin; right: the answer, "
+        f"difference and {interval}",
+        fontsize=8,
+    )
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_pairwise(names: Sequence[str], cells: Mapping[tuple[str, str], Mapping], path: Path):
+    """Every pair's difference (row minus column, points), coloured by the row group's
+    answer against the column's (`cells`: compare.pairwise_cells)."""
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * k, 1.2 + 0.7 * k), layout="constrained")
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if i == j:
+                continue
+            cell = cells[(a, b)]
+            colour = ANSWER_COLOURS[cell["answer"]]
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color=colour, alpha=0.55))
+            ax.text(j, i, f"{cell['diff']:+.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xlim(-0.5, k - 0.5)
+    ax.set_ylim(k - 0.5, -0.5)
+    ax.set_xticks(range(k), names, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.55)
+        for a, c in ANSWER_COLOURS.items()
+        if a != "leader"
+    ]
+    labels = [f"row {a}" for a in ANSWER_COLOURS if a != "leader"]
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=7)
+    ax.set_title("row − column, points of final accuracy", fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

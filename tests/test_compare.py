@@ -37,10 +37,13 @@ from gpool.compare import (
     Pair,
     RunCurves,
     factors,
+    forest_rows,
     markdown,
     mean_std_ci,
+    pairwise_cells,
     pairwise_rows,
     summary_rows,
+    write_report,
 )
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
@@ -151,6 +154,31 @@ def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_see
     assert "a seed 2: no predictions/val.npy" in report
 
 
+def test_the_forest_ranks_groups_and_colours_each_by_its_answer_against_the_leader(
+    tmp_path: Path,
+) -> None:
+    """Three heads on the same seeds: c clearly best, b a hair below it (equivalent within
+    a wide margin), a clearly worst. The forest lists them best first with their answers
+    against c; the matrix holds both orientations of every pair; both figures are drawn."""
+    seeds = list(range(6))
+    noise = np.array([0.0, 0.002, -0.002, 0.001, -0.001, 0.0])
+    a = group("a", list(0.80 + noise), seeds)
+    b = group("b", list(0.8495 + noise[::-1]), seeds)
+    c = group("c", list(0.85 + noise), seeds)
+    pairs = pairwise_rows([a, b, c], margin=1.0)
+    comparison = Comparison("", "", "", summary_rows([a, b, c]), [a, b, c], ["pool"], pairs, 1.0)
+    rows = forest_rows(comparison)
+    assert [r["group"] for r in rows] == ["c", "b", "a"]
+    assert [r["answer"] for r in rows] == ["leader", "equivalent", "worse"]
+    assert rows[2]["label"].startswith("worse: -5.00 [") and rows[0]["mean"] == pytest.approx(85)
+    cells = pairwise_cells(pairs)
+    assert len(cells) == 6 and cells[("a", "c")]["diff"] == pytest.approx(-5)
+    assert (cells[("c", "a")]["answer"], cells[("a", "c")]["answer"]) == ("better", "worse")
+    paths = write_report(tmp_path, "report", comparison)
+    assert [p.name for p in paths[2:]] == ["comparison.png", "forest.png", "pairwise.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths[2:])
+
+
 def test_a_comparison_too_long_for_a_run_description_keeps_its_verdict() -> None:
     short = Comparison("6 runs", "| table |\n\nVerdict: a leads b", "a leads b", [], [])
     assert short.note() == "Verdict: a leads b\n\n6 runs\n\n| table |\n\nVerdict: a leads b"
@@ -203,7 +231,10 @@ def test_compare_groups_by_head_and_logs_on_the_parent(sweep: Path, tmp_path: Pa
     client = store(sweep)
     (parent,) = client.search_runs(["1"], "tags.`gpool.role` = 'sweep'")
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert logged == {f"comparison/comparison.{ext}" for ext in ("md", "csv", "png")}
+    figures = ("comparison.png", "forest.png", "pairwise.png")
+    assert logged == {
+        f"comparison/{name}" for name in ("comparison.md", "comparison.csv", *figures)
+    }
     children = client.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert factors(children) == ["pool"]
 
