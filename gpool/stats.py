@@ -16,11 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestIndPower, TTestPower
 
 #: The most seeds a group is ever said to need: past it no seed count decides.
 MOST_SEEDS = 10_000
@@ -131,6 +130,8 @@ def holm(p_values: Sequence[float]) -> list[float]:
     tested = [i for i, p in enumerate(p_values) if not math.isnan(p)]
     adjusted = [math.nan] * len(p_values)
     if tested:
+        from statsmodels.stats.multitest import multipletests  # see power_solver
+
         _, corrected, _, _ = multipletests([p_values[i] for i in tested], method="holm")
         for i, p in zip(tested, corrected, strict=True):
             adjusted[i] = float(p)
@@ -155,6 +156,15 @@ def decide(
     return UNDECIDED
 
 
+def power_solver(paired: bool) -> Any:
+    """statsmodels' power of the paired (one-sample) or the two-sample t-test. Imported
+    here: statsmodels takes ~0.9 s to import, and every gpool process imports this module
+    (Hydra's plugin scan) while only comparisons need it."""
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    return TTestPower() if paired else TTestIndPower()
+
+
 def detectable(
     spread: float,
     n_a: int,
@@ -169,10 +179,10 @@ def detectable(
     the images' variance; NaN with fewer than two seeds a side or no spread."""
     if min(n_a, n_b) < 2 or not spread > 0:
         return math.nan
+    solver = power_solver(paired)
     if paired:
-        effect, per_seed = TTestPower().solve_power(nobs=n_a, alpha=alpha, power=power), 1 / n_a
+        effect, per_seed = solver.solve_power(nobs=n_a, alpha=alpha, power=power), 1 / n_a
     else:
-        solver = TTestIndPower()
         effect = solver.solve_power(nobs1=n_a, ratio=n_b / n_a, alpha=alpha, power=power)
         per_seed = 1 / n_a + 1 / n_b
     return float(effect) * math.sqrt(spread**2 + image_var / per_seed)
@@ -193,13 +203,15 @@ def seeds_for(
     them: bisection); inf past it (the images' noise alone, or a tiny difference, keeps
     the pair open)."""
 
+    solver = power_solver(paired)
+
     def reaches(n: int) -> bool:
         """Whether n seeds give `power`; statsmodels' NaN comes where it is all but 1."""
         effect = abs(diff) / math.sqrt(spread**2 + n * image_var / (1 if paired else 2))
         if paired:
-            got = TTestPower().power(effect, n, alpha, alternative=alternative)
+            got = solver.power(effect, n, alpha, alternative=alternative)
         else:
-            got = TTestIndPower().power(effect, n, alpha, 1.0, alternative=alternative)
+            got = solver.power(effect, n, alpha, 1.0, alternative=alternative)
         return not got < power
 
     if not reaches(MOST_SEEDS):
