@@ -346,6 +346,11 @@ def fmt(value: float, digits: int = 2) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def mean_key(split: str) -> str:
+    """The summary rows' column of a group's mean final accuracy on `split`."""
+    return f"final_{split}_acc_mean"
+
+
 def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
     rows = []
     for g in groups:
@@ -355,7 +360,7 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
             {
                 "group": g.name,
                 "n": len(g.runs),
-                f"final_{g.split}_acc_mean": final,
+                mean_key(g.split): final,
                 f"final_{g.split}_acc_std": final_std,
                 "ci95_low": final - ci,
                 "ci95_high": final + ci,
@@ -492,7 +497,7 @@ def markdown(
     ]
     for r in summary:
         out.append(
-            f"| {r['group']} | {r['n']} | {fmt(r[f'final_{split}_acc_mean'])} ± "
+            f"| {r['group']} | {r['n']} | {fmt(r[mean_key(split)])} ± "
             f"{fmt(r[f'final_{split}_acc_std'])} | [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}] | "
             f"{fmt(r['best_val_acc_mean'])} ± {fmt(r['best_val_acc_std'])} | "
             f"{r['best_epoch_mean']:.1f} |"
@@ -647,7 +652,7 @@ def versus(row: dict) -> str:
 def forest_rows(comparison: Comparison) -> list[dict]:
     """Per group, best first: its final accuracy with its interval over seeds, its answer
     against the leader and their difference's interval (plots.plot_forest)."""
-    key = f"final_{comparison.groups[0].split}_acc_mean"  # summary_rows' key
+    key = mean_key(comparison.groups[0].split)
     ranked = sorted(comparison.summary, key=lambda r: r[key], reverse=True)
     leader = ranked[0]["group"]
     rows = []
@@ -798,7 +803,7 @@ def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: li
     for row, group in zip(comparison.summary, comparison.groups, strict=True):
         split = group.split
         statistics = {
-            f"{split}_acc_mean": row[f"final_{split}_acc_mean"],
+            f"{split}_acc_mean": row[mean_key(split)],
             f"{split}_acc_std": row[f"final_{split}_acc_std"],
             f"{split}_acc_ci_low": row["ci95_low"],
             f"{split}_acc_ci_high": row["ci95_high"],
@@ -809,7 +814,24 @@ def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: li
             if not math.isnan(v)
         ]
     client.log_batch(run_id, metrics=metrics)
-    return ui_pointer(client.tracking_uri, share_comparison(client, parent, comparison.factors))
+    url = share_comparison(client, parent, comparison.factors, final_range(comparison))
+    return ui_pointer(client.tracking_uri, url)
+
+
+def final_range(comparison: Comparison) -> tuple[float, float]:
+    """The accuracies (fractions, as runs log them) that hold every group's final interval
+    (its mean, where one seed gives none), with a fifth of the span (at least half a
+    point) to spare on each side."""
+    key = mean_key(comparison.groups[0].split)
+    ends = [
+        v
+        for row in comparison.summary
+        for v in (row["ci95_low"], row["ci95_high"], row[key])
+        if not math.isnan(v)
+    ]
+    low, high = min(ends), max(ends)
+    pad = max(0.5, (high - low) / 5)
+    return max(0.0, (low - pad) / 100), min(1.0, (high + pad) / 100)
 
 
 def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:

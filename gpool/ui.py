@@ -40,9 +40,10 @@ def group_key(name: str) -> dict[str, str]:
     return {"mode": "tag" if name in GROUPS else "param", "groupByData": name}
 
 
-def line_chart(metric: str, section: str) -> dict:
-    """A line chart of one metric by epoch (grouped runs: the mean and a min-max band)."""
-    return {
+def line_chart(metric: str, section: str, y_range: tuple[float, float] | None = None) -> dict:
+    """A line chart of one metric by epoch (grouped runs: the mean and a min-max band);
+    given `y_range`, its y axis spans that instead of fitting every epoch from 0."""
+    chart = {
         "uuid": uuid.uuid4().hex,
         "type": "LINE",
         "metricKey": metric,
@@ -62,12 +63,22 @@ def line_chart(metric: str, section: str) -> dict:
         "useGlobalXaxisKey": True,
         "useGlobalLineSmoothing": True,
     }
+    if y_range is not None:
+        chart["range"] = {"xMin": None, "xMax": None, "yMin": y_range[0], "yMax": y_range[1]}
+    return chart
 
 
-def view_state(parent_id: str, factors: Sequence[str]) -> dict:
+def view_state(
+    parent_id: str, factors: Sequence[str], final: tuple[float, float] | None = None
+) -> dict:
     """The sweep's child runs, grouped by `factors` (seeds averaged), with columns for the
-    factors and the final val_acc, and val_acc / train_acc charts first."""
+    factors and the final val_acc, and val_acc / train_acc charts first; given the range
+    the groups' final val_acc lies in, first a val_acc chart zoomed to it, where a gap of
+    half a point shows (on the axis from 0 the group lines lie on top of each other)."""
     section = uuid.uuid4().hex
+    charts = [line_chart(m, section) for m in CHARTED]
+    if final is not None:
+        charts.insert(0, line_chart(CHARTED[0], section, final))
     columns = [column("attributes", "Dataset"), column("attributes", "Models")]
     columns += [column("tags" if f in GROUPS else "params", f) for f in factors]
     columns += [column("params", "seed"), column("metrics", "val_acc")]
@@ -77,7 +88,7 @@ def view_state(parent_id: str, factors: Sequence[str]) -> dict:
         "groupBy": {"aggregateFunction": "average", "groupByKeys": list(map(group_key, factors))},
         "runsHiddenMode": "SHOW_ALL",
         "useGroupedValuesInCharts": True,
-        "compareRunCharts": [line_chart(m, section) for m in CHARTED],
+        "compareRunCharts": charts,
         "compareRunSections": [
             {
                 "uuid": section,
@@ -104,16 +115,21 @@ def page_url(tracking_uri: str, route: str, **query: str) -> str:
     return f"{ui_address(tracking_uri)[0]}/#/{route}?{urlencode({**query, **WORKFLOW})}"
 
 
-def share_comparison(client: MlflowClient, parent: Run, factors: Sequence[str]) -> str:
+def share_comparison(
+    client: MlflowClient,
+    parent: Run,
+    factors: Sequence[str],
+    final: tuple[float, float] | None = None,
+) -> str:
     """Write the sweep's view (one per sweep: its key is the parent run's id, so a rerun
-    replaces it) and return the URL that opens it on the charts."""
+    replaces it) and return the URL that opens it on the charts (`final`: see view_state)."""
     info = parent.info
     now = int(time.time() * 1000)
     envelope = {
         "name": info.run_name or info.run_id,
         "createdAt": now,
         "updatedAt": now,
-        "state": json.dumps(view_state(info.run_id, factors)),
+        "state": json.dumps(view_state(info.run_id, factors, final)),
     }
     client.set_experiment_tag(
         info.experiment_id, SHARED_VIEW_TAG + info.run_id, json.dumps(envelope)

@@ -37,6 +37,7 @@ from gpool.compare import (
     Pair,
     RunCurves,
     factors,
+    final_range,
     forest_rows,
     markdown,
     mean_std_ci,
@@ -47,9 +48,11 @@ from gpool.compare import (
 )
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
-from gpool.ui import LOCAL_UI, share_comparison
+from gpool.ui import LOCAL_UI, SHARED_VIEW_TAG, share_comparison
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
     from playwright.sync_api import Page
 
 #: Every test here reads the one tiny sweep: they share it on one worker.
@@ -174,6 +177,9 @@ def test_the_forest_ranks_groups_and_colours_each_by_its_answer_against_the_lead
     cells = pairwise_cells(pairs)
     assert len(cells) == 6 and cells[("a", "c")]["diff"] == pytest.approx(-5)
     assert (cells[("c", "a")]["answer"], cells[("a", "c")]["answer"]) == ("better", "worse")
+    low, high = final_range(comparison)  # the UI view's zoomed chart: a fifth to spare
+    assert low == pytest.approx((rows[2]["low"] - (rows[0]["high"] - rows[2]["low"]) / 5) / 100)
+    assert low < 0.80 and 0.85 < high < 0.87
     paths = write_report(tmp_path, "report", comparison)
     assert [p.name for p in paths[2:]] == ["comparison.png", "forest.png", "pairwise.png"]
     assert all(p.stat().st_size > 10_000 for p in paths[2:])
@@ -451,10 +457,20 @@ def test_the_printed_url_opens_the_comparison(sweep: Path, server: str, tmp_path
             page.get_by_text(f"Group: {pool}", exact=True).wait_for(timeout=60_000)
         for name in [f"pool={p} seed={s}" for p in ("avg", "max") for s in range(3)]:
             page.get_by_text(name, exact=True).wait_for(timeout=10_000)
-        first = page.locator("[data-testid=experiment-view-compare-runs-card]").first
-        first.get_by_text("val_acc", exact=True).wait_for(timeout=30_000)
-        first.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
+        cards = page.locator("[data-testid=experiment-view-compare-runs-card]")
+        for card in (cards.nth(0), cards.nth(1)):  # val_acc zoomed, then on the whole
+            card.get_by_text("val_acc", exact=True).wait_for(timeout=30_000)
+            card.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=30_000)
         page.screenshot(path=str(tmp_path / "comparison.png"))
+        # The zoomed chart's y axis spans the groups' final intervals (the view's range),
+        # not what the UI fits to every epoch.
+        low, high = final_range_of(client, parent)
+        zoomed, whole = (
+            [float(t) for t in c.locator(".ytick text").all_text_contents()]
+            for c in (cards.nth(0), cards.nth(1))
+        )
+        assert zoomed and all(low - 1e-9 <= t <= high + 1e-9 for t in zoomed), (zoomed, low)
+        assert zoomed != whole and high - low < 0.5
 
         page.goto(
             f"{server}/#/experiments/1/runs/{parent.info.run_id}?workflowType=machine_learning"
@@ -467,6 +483,14 @@ def test_the_printed_url_opens_the_comparison(sweep: Path, server: str, tmp_path
         page.get_by_text(re.compile(r"^fashion_mnist \(\w+\)$")).first.wait_for(timeout=30_000)
         page.screenshot(path=str(tmp_path / "run.png"))
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def final_range_of(client: MlflowClient, parent: Run) -> tuple[float, float]:
+    """The zoomed chart's range in the sweep's shared view."""
+    tags = client.get_experiment(parent.info.experiment_id).tags
+    state = json.loads(json.loads(tags[SHARED_VIEW_TAG + parent.info.run_id])["state"])
+    zoomed = state["compareRunCharts"][0]["range"]
+    return zoomed["yMin"], zoomed["yMax"]
 
 
 def test_settings_that_do_not_change_results_are_no_factor(sweep: Path) -> None:
@@ -495,7 +519,7 @@ def test_settings_that_do_not_change_results_are_no_factor(sweep: Path) -> None:
 def test_the_shared_view_groups_by_every_factor_but_the_seed(sweep: Path) -> None:
     client = store(sweep)
     (parent,) = client.search_runs(["1"], "tags.`gpool.role` = 'sweep'")
-    url = share_comparison(client, parent, ["pool", "optimizer.lr"])
+    url = share_comparison(client, parent, ["pool", "optimizer.lr"], (0.87, 0.9))
     key = parse_qs(url.split("?", 1)[1])["viewStateShareKey"][0]
     tags = client.get_experiment("1").tags
     state = json.loads(json.loads(tags[f"mlflow.sharedViewState.{key}"])["state"])
@@ -504,8 +528,9 @@ def test_the_shared_view_groups_by_every_factor_but_the_seed(sweep: Path) -> Non
         {"mode": "param", "groupByData": "optimizer.lr"},
     ]
     assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    charts = [c["metricKey"] for c in state["compareRunCharts"]]
-    assert charts == ["val_acc", "train_acc"]
+    charts = [(c["metricKey"], c.get("range")) for c in state["compareRunCharts"]]
+    zoomed = {"xMin": None, "xMax": None, "yMin": 0.87, "yMax": 0.9}
+    assert charts == [("val_acc", zoomed), ("val_acc", None), ("train_acc", None)]
 
 
 def test_many_groups_get_their_own_colours_and_one_legend_under_the_panels() -> None:
