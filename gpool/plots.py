@@ -217,7 +217,9 @@ def plot_forest(
     return path
 
 
-def plot_pairwise(names: Sequence[str], cells: Mapping[tuple[str, str], Mapping], path: Path):
+def plot_pairwise(
+    names: Sequence[str], cells: Mapping[tuple[str, str], Mapping], path: Path
+) -> Path:
     """Every pair's difference (row minus column, points), coloured by the row group's
     answer against the column's (`cells`: compare.pairwise_cells)."""
     k = len(names)
