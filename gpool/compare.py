@@ -36,7 +36,7 @@ from scipy.stats import t as student_t
 
 from gpool import PROJECT_ROOT, GpoolError, stats
 from gpool.config import GROUPS, compose_config
-from gpool.plots import plot_forest, plot_group_curves, plot_pairwise
+from gpool.plots import LEADER, plot_forest, plot_group_curves, plot_pairwise
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result, one_per_config
 from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
@@ -644,9 +644,8 @@ def tune_groups(
 def versus(row: dict) -> str:
     """A pair's answer from its A group's side: better or worse (either qualified by the
     margin), equivalent, undecided."""
-    if row["answer"] in (stats.BETTER, stats.BETTER_WITHIN) and row["diff_points"] < 0:
-        return row["answer"].replace(stats.BETTER, "worse")
-    return row["answer"]
+    losing = {stats.BETTER: stats.WORSE, stats.BETTER_WITHIN: stats.WORSE_WITHIN}
+    return losing.get(row["answer"], row["answer"]) if row["diff_points"] < 0 else row["answer"]
 
 
 def forest_rows(comparison: Comparison) -> list[dict]:
@@ -662,8 +661,8 @@ def forest_rows(comparison: Comparison) -> list[dict]:
             "mean": summary[key],
             "low": summary["ci95_low"],
             "high": summary["ci95_high"],
-            "answer": "leader",
-            "label": "leader",
+            "answer": LEADER,
+            "label": LEADER,
         }
         if summary["group"] != leader:
             pair = next(p for p in comparison.pairs if {p["a"], p["b"]} == {leader, row["group"]})

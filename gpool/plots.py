@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from gpool import stats  # noqa: E402
 from gpool.engine import EpochResult  # noqa: E402
 
 #: The most classes a figure draws one by one: a 120-class dataset once took 4 minutes and
@@ -77,8 +78,7 @@ def plot_class_maps(
     for ax in axes.flat:
         ax.set_yticks([])
         ax.set_frame_on(False)
-    axes[0, 0].set_xticks([])
-    for ax in axes[1:, 0]:
+    for ax in axes[:, 0]:
         ax.set_xticks([])
     drawn = f"; the first {k} of {maps.shape[1]} classes" if k < maps.shape[1] else ""
     fig.suptitle(f"class maps before the global pool (row: true -> predicted){drawn}", fontsize=9)
@@ -162,15 +162,17 @@ def plot_group_curves(
     return path
 
 
+#: The forest's leader, which has no answer against itself.
+LEADER = "leader"
 #: A pair's answer from the row group's side (see compare.versus): the colour it is drawn in.
 ANSWER_COLOURS = {
-    "leader": "black",
-    "better": "tab:green",
-    "better, by less than the margin": "yellowgreen",
-    "equivalent": "tab:blue",
-    "undecided": "tab:gray",
-    "worse, by less than the margin": "lightsalmon",
-    "worse": "tab:red",
+    LEADER: "black",
+    stats.BETTER: "tab:green",
+    stats.BETTER_WITHIN: "yellowgreen",
+    stats.EQUIVALENT: "tab:blue",
+    stats.UNDECIDED: "tab:gray",
+    stats.WORSE_WITHIN: "lightsalmon",
+    stats.WORSE: "tab:red",
 }
 
 
@@ -236,12 +238,9 @@ def plot_pairwise(
     ax.set_ylim(k - 0.5, -0.5)
     ax.set_xticks(range(k), names, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(k), names, fontsize=8)
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.55)
-        for a, c in ANSWER_COLOURS.items()
-        if a != "leader"
-    ]
-    labels = [f"row {a}" for a in ANSWER_COLOURS if a != "leader"]
+    answers = {a: c for a, c in ANSWER_COLOURS.items() if a != LEADER}
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.55) for c in answers.values()]
+    labels = [f"row {a}" for a in answers]
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=7)
     ax.set_title("row − column, points of final accuracy", fontsize=9)
     fig.savefig(path, dpi=100)

@@ -33,6 +33,8 @@ BETTER, BETTER_WITHIN, EQUIVALENT, UNDECIDED = (
     "equivalent",
     "undecided",
 )
+#: The first two from the other group's side: its answer against a better group.
+WORSE, WORSE_WITHIN = "worse", "worse, by less than the margin"
 
 
 @dataclass(frozen=True)
