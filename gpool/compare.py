@@ -445,6 +445,11 @@ def leader_first(row: dict, leader: str) -> dict:
     return flipped
 
 
+def pair_row(pairs: Sequence[dict], a: str, b: str) -> dict:
+    """The row of the pair of groups `a` and `b` among `pairs`, with `a` as A."""
+    return leader_first(next(p for p in pairs if {p["a"], p["b"]} == {a, b}), a)
+
+
 def verdict(
     groups: Sequence[Group], pairs: Sequence[dict], margin: float = MARGIN, alpha: float = ALPHA
 ) -> str:
@@ -454,8 +459,7 @@ def verdict(
         return f"only one group ({groups[0].name}): nothing to compare"
     ranked = sorted(groups, key=lambda g: g.scores().mean(), reverse=True)
     top, second = ranked[0], ranked[1]
-    row = next(p for p in pairs if {p["a"], p["b"]} == {top.name, second.name})
-    row = leader_first(row, top.name)
+    row = pair_row(pairs, top.name, second.name)
     words = answer_words(row, margin)
     if math.isnan(row["p"]):
         return (
@@ -665,8 +669,7 @@ def forest_rows(comparison: Comparison) -> list[dict]:
             "label": LEADER,
         }
         if summary["group"] != leader:
-            pair = next(p for p in comparison.pairs if {p["a"], p["b"]} == {leader, row["group"]})
-            pair = leader_first(pair, row["group"])
+            pair = pair_row(comparison.pairs, row["group"], leader)
             row["answer"] = versus(pair)
             row["label"] = (
                 f"{row['answer']}: {pair['diff_points']:+.2f} "
