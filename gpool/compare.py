@@ -346,9 +346,9 @@ def fmt(value: float, digits: int = 2) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def mean_key(split: str) -> str:
-    """The summary rows' column of a group's mean final accuracy on `split`."""
-    return f"final_{split}_acc_mean"
+def final_key(split: str, statistic: str) -> str:
+    """The summary rows' column of a group's final accuracy on `split`: its mean or std."""
+    return f"final_{split}_acc_{statistic}"
 
 
 def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
@@ -360,8 +360,8 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, str | float | int]]:
             {
                 "group": g.name,
                 "n": len(g.runs),
-                mean_key(g.split): final,
-                f"final_{g.split}_acc_std": final_std,
+                final_key(g.split, "mean"): final,
+                final_key(g.split, "std"): final_std,
                 "ci95_low": final - ci,
                 "ci95_high": final + ci,
                 "best_val_acc_mean": best,
@@ -501,8 +501,8 @@ def markdown(
     ]
     for r in summary:
         out.append(
-            f"| {r['group']} | {r['n']} | {fmt(r[mean_key(split)])} ± "
-            f"{fmt(r[f'final_{split}_acc_std'])} | [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}] | "
+            f"| {r['group']} | {r['n']} | {fmt(r[final_key(split, 'mean')])} ± "
+            f"{fmt(r[final_key(split, 'std')])} | [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}] | "
             f"{fmt(r['best_val_acc_mean'])} ± {fmt(r['best_val_acc_std'])} | "
             f"{r['best_epoch_mean']:.1f} |"
         )
@@ -655,7 +655,7 @@ def versus(row: dict) -> str:
 def forest_rows(comparison: Comparison) -> list[dict]:
     """Per group, best first: its final accuracy with its interval over seeds, its answer
     against the leader and their difference's interval (plots.plot_forest)."""
-    key = mean_key(comparison.groups[0].split)
+    key = final_key(comparison.groups[0].split, "mean")
     ranked = sorted(comparison.summary, key=lambda r: r[key], reverse=True)
     leader = ranked[0]["group"]
     rows = []
@@ -805,8 +805,8 @@ def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: li
     for row, group in zip(comparison.summary, comparison.groups, strict=True):
         split = group.split
         statistics = {
-            f"{split}_acc_mean": row[mean_key(split)],
-            f"{split}_acc_std": row[f"final_{split}_acc_std"],
+            f"{split}_acc_mean": row[final_key(split, "mean")],
+            f"{split}_acc_std": row[final_key(split, "std")],
             f"{split}_acc_ci_low": row["ci95_low"],
             f"{split}_acc_ci_high": row["ci95_high"],
         }
@@ -824,7 +824,7 @@ def final_range(comparison: Comparison) -> tuple[float, float]:
     """The accuracies (fractions, as runs log them) that hold every group's final interval
     (its mean, where one seed gives none), with a fifth of the span (at least half a
     point) to spare on each side."""
-    key = mean_key(comparison.groups[0].split)
+    key = final_key(comparison.groups[0].split, "mean")
     ends = [
         v
         for row in comparison.summary
