@@ -77,8 +77,14 @@ def sweep_key(config: DictConfig) -> str:
         for k, o in effective.items()
         if not k.startswith("hydra") and affects_result(k)
     )
-    base = {k: v for k, v in OmegaConf.to_container(config).items() if k != "hydra"}
+    base = OmegaConf.to_container(job_keys(config))
     return " ".join([config.mlflow.experiment_name, config_hash(base), *kept])
+
+
+def job_keys(config: DictConfig) -> DictConfig:
+    """The config without Hydra's own node: the keys a job reads (in a callback, that node's
+    runtime values are still unset)."""
+    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
 
 
 def same_in_any_order(override: str) -> str:
@@ -188,8 +194,8 @@ class SweepTracking(Callback):
         return client, experiment
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:  # the job's own keys: the callback's copy leaves Hydra's runtime values unset
-            check_values(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+        try:
+            check_values(job_keys(config))
         except GpoolError:  # the job refuses it in Hydra's words, and no store is created
             return
         self.prepare(config, config.hydra.run.dir, "hydra.run.dir")
