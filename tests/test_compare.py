@@ -48,7 +48,7 @@ from gpool.compare import (
 )
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
-from gpool.ui import LOCAL_UI, SHARED_VIEW_TAG, share_comparison
+from gpool.ui import LOCAL_UI, share_comparison
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -485,10 +485,15 @@ def test_the_printed_url_opens_the_comparison(sweep: Path, server: str, tmp_path
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
 
 
+def shared_view(client: MlflowClient, experiment_id: str, key: str) -> dict:
+    """The UI state of the experiment's shared view `key`, as gpool wrote it."""
+    tags = client.get_experiment(experiment_id).tags
+    return json.loads(json.loads(tags[f"mlflow.sharedViewState.{key}"])["state"])
+
+
 def final_range_of(client: MlflowClient, parent: Run) -> tuple[float, float]:
     """The zoomed chart's range in the sweep's shared view."""
-    tags = client.get_experiment(parent.info.experiment_id).tags
-    state = json.loads(json.loads(tags[SHARED_VIEW_TAG + parent.info.run_id])["state"])
+    state = shared_view(client, parent.info.experiment_id, parent.info.run_id)
     zoomed = state["compareRunCharts"][0]["range"]
     return zoomed["yMin"], zoomed["yMax"]
 
@@ -521,8 +526,7 @@ def test_the_shared_view_groups_by_every_factor_but_the_seed(sweep: Path) -> Non
     (parent,) = client.search_runs(["1"], "tags.`gpool.role` = 'sweep'")
     url = share_comparison(client, parent, ["pool", "optimizer.lr"], (0.87, 0.9))
     key = parse_qs(url.split("?", 1)[1])["viewStateShareKey"][0]
-    tags = client.get_experiment("1").tags
-    state = json.loads(json.loads(tags[f"mlflow.sharedViewState.{key}"])["state"])
+    state = shared_view(client, "1", key)
     assert state["groupBy"]["groupByKeys"] == [
         {"mode": "tag", "groupByData": "pool"},
         {"mode": "param", "groupByData": "optimizer.lr"},
