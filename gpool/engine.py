@@ -345,7 +345,7 @@ class Trainer:
         first = len(state.members[0].history) + 1
         if first > self.epochs:
             return
-        steps = self._steps(model, state, data)  # captured here: after any restore
+        steps = self.steps(model, state, data)  # captured here: after any restore
         for epoch in range(first, self.epochs + 1):
             lr = state.optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
@@ -395,7 +395,7 @@ class Trainer:
             if all(member.failure is not None for member in state.members):
                 return
 
-    def _steps(self, model: nn.Module, state: TrainState, data: ImageData) -> Steps:
+    def steps(self, model: nn.Module, state: TrainState, data: ImageData) -> Steps:
         """How this fit runs its steps: captured once and replayed, or eagerly."""
         members, steps = len(state.members), self.steps_per_epoch(data)
         step = partial(self._step, model, state.optimizer, data, members)

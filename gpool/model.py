@@ -1,6 +1,7 @@
 """The article's convnet with a pluggable global pooling head (conf/model, conf/pool)."""
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from gpool import GpoolError
 from gpool.config import build
+
+#: A network's parts in the order its forward applies them: the trunk, images to the maps the
+#: pool sees, is the same for every head (one Stack for all members of a fused group); the
+#: head, maps to scores, is what differs (one Stack per kind of head).
+TRUNK = ("features", "classifier")
+HEAD = ("pool", "head", "activation")
 
 
 class ConvNet(nn.Module):
@@ -73,20 +80,26 @@ class ConvNet(nn.Module):
         linear = pool_position == "features" or factor > 1
         self.head = nn.Linear(factor * channels, num_classes) if linear else nn.Identity()
         self.output_activation = output_activation
+        self.activation = nn.Sigmoid() if output_activation == "sigmoid" else nn.Identity()
 
     def class_maps(self, x: Tensor) -> Tensor:
         """[N, num_classes, H', W'] maps of each class's evidence: the maps that enter the
         pool (class_maps position), or the classifier's weights applied at every location
         of the features before the pool (features position: class activation maps)."""
-        maps = self.classifier(self.features(x))
+        maps = self.through(TRUNK, x)
         if self.pool_position == "class_maps":
             return maps
         weight = self.head.weight.view(self.head.out_features, -1, maps.shape[1]).sum(1)
         return torch.einsum("ck,nkhw->nchw", weight, maps) + self.head.bias.view(1, -1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        scores = self.head(self.pool(self.classifier(self.features(x))))
-        return torch.sigmoid(scores) if self.output_activation == "sigmoid" else scores
+        return self.through(HEAD, self.through(TRUNK, x))
+
+    def through(self, parts: Sequence[str], x: Tensor) -> Tensor:
+        """`x` through the named parts in turn (TRUNK, HEAD)."""
+        for name in parts:
+            x = getattr(self, name)(x)
+        return x
 
     def initialise(self, scheme: str) -> None:
         """Re-initialise conv weights: 'default' keeps PyTorch's, 'xavier' is the article's
@@ -106,21 +119,27 @@ def build_model(cfg: DictConfig) -> ConvNet:
     return build(cfg.model, pool=build(cfg.pool))
 
 
+def part(network: nn.Module, names: Sequence[str]) -> nn.Sequential:
+    """The network's parts `names` (TRUNK or HEAD) as one module applied in that order, its
+    parameters under the network's own names (features.0.weight, pool.p...)."""
+    return nn.Sequential(OrderedDict((name, getattr(network, name)) for name in names))
+
+
 class Stack(nn.Module):
-    """Networks of one architecture as one: their parameters stacked [size, ...] and one
+    """Modules of one architecture as one: their parameters stacked [size, ...] and one
     vmapped functional call, which turns every convolution into a grouped one (one kernel
     launch for all of them instead of one each)."""
 
-    def __init__(self, networks: Sequence[nn.Module]) -> None:
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
         super().__init__()
-        stacked, buffers = stack_module_state(list(networks))
+        stacked, buffers = stack_module_state(list(modules))
         if buffers:
             raise ValueError("networks with buffers (e.g. BatchNorm) cannot be stacked here")
         self.names = list(stacked)
         self.weights = nn.ParameterList(nn.Parameter(stacked[k].detach()) for k in self.names)
-        self.size = len(networks)
+        self.size = len(modules)
         # Not a submodule: its parameters live in `weights`; it only supplies the code.
-        self.base = (copy.deepcopy(networks[0]).to("meta"),)
+        self.base = (copy.deepcopy(modules[0]).to("meta"),)
 
     def forward(self, x: Tensor) -> Tensor:
         """[size x batch, ...] inputs, member after member -> outputs alike."""
@@ -131,45 +150,63 @@ class Stack(nn.Module):
         batches = x.view(self.size, -1, *x.shape[1:])
         return vmap(one)(tuple(self.weights), batches).flatten(0, 1)
 
-    def state_of(self, j: int) -> dict[str, Tensor]:
-        """The state_dict of the j-th network, as its own run would save it."""
-        return {
-            name: w[j].detach().clone() for name, w in zip(self.names, self.weights, strict=True)
-        }
 
-
-def architecture(network: nn.Module) -> str:
-    """What networks must share to be stacked: layers, head and parameter shapes."""
-    shapes = [(k, tuple(v.shape)) for k, v in network.named_parameters()]
-    return f"{network!r} {getattr(network, 'output_activation', None)} {shapes}"
+def architecture(module: nn.Module) -> str:
+    """What modules must share to be stacked: layers and parameter shapes."""
+    shapes = [(k, tuple(v.shape)) for k, v in module.named_parameters()]
+    return f"{module!r} {shapes}"
 
 
 class StackedModel(nn.Module):
-    """Several runs' networks trained as one model (a fused sweep): consecutive networks of
-    one architecture form a Stack, so heads with parameters stack them per member. Takes
-    and returns the members' batches one after the other ([members x batch, ...])."""
+    """Several runs' networks trained as one model (a fused sweep). Their trunks form one
+    Stack: one grouped convolution per layer for every member, whatever its head. Members
+    with the same kind of head share a head Stack (heads with parameters keep them per
+    member), applied to those members' maps. Takes and returns the members' batches one
+    after the other ([members x batch, ...])."""
 
     def __init__(self, networks: Sequence[nn.Module]) -> None:
         super().__init__()
-        runs: list[list[nn.Module]] = []
-        for network in networks:
-            if runs and architecture(runs[-1][0]) == architecture(network):
-                runs[-1].append(network)
-            else:
-                runs.append([network])
-        self.stacks = nn.ModuleList(Stack(run) for run in runs)
+        trunks = [part(network, TRUNK) for network in networks]
+        if len({architecture(trunk) for trunk in trunks}) > 1:
+            raise ValueError("networks stacked together must share their trunk (TRUNK)")
+        self.trunk = Stack(trunks)
+        kinds: dict[str, list[int]] = {}
+        for n, network in enumerate(networks):
+            kinds.setdefault(architecture(part(network, HEAD)), []).append(n)
+        self.owners = list(kinds.values())  # the members of each head Stack
+        self.heads = nn.ModuleList(
+            Stack([part(networks[n], HEAD) for n in owners]) for owners in self.owners
+        )
         self.members = len(networks)
+        order = [n for owners in self.owners for n in owners]
+        self.in_order = order == list(range(self.members))  # then slices, not gathers
+        # Device-side indices (moved with the model): a CUDA graph captures no host copy.
+        self.register_buffer("order", torch.tensor(order), persistent=False)
+        self.register_buffer("unorder", torch.argsort(self.order), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if len(self.stacks) == 1:
-            return self.stacks[0](x)
-        parts = x.view(self.members, -1, *x.shape[1:]).split([s.size for s in self.stacks])
-        return torch.cat([s(p.flatten(0, 1)) for s, p in zip(self.stacks, parts, strict=True)])
+        maps = self.trunk(x)
+        maps = maps.view(self.members, -1, *maps.shape[1:])
+        if not self.in_order:
+            maps = maps.index_select(0, self.order)
+        parts = maps.split([len(owners) for owners in self.owners])
+        scores = torch.cat([h(p.flatten(0, 1)) for h, p in zip(self.heads, parts, strict=True)])
+        if self.in_order:
+            return scores
+        scores = scores.view(self.members, -1, *scores.shape[1:])
+        return scores.index_select(0, self.unorder).flatten(0, 1)
 
-    def locate(self, n: int) -> tuple[Stack, int]:
-        """The stack that holds member n, and n's index in it."""
-        for stack in self.stacks:
-            if n < stack.size:
-                return stack, n
-            n -= stack.size
-        raise IndexError(f"no member {n} in {self.members}")
+    def placed(self, n: int) -> list[tuple[str, nn.Parameter, int]]:
+        """Member n's parameters in its own network's order (what its optimiser state is
+        indexed by), each as (name, the stacked parameter, n's index in it)."""
+        k = next(k for k, owners in enumerate(self.owners) if n in owners)
+        stacks = ((self.trunk, n), (self.heads[k], self.owners[k].index(n)))
+        return [
+            (name, weight, j)
+            for stack, j in stacks
+            for name, weight in zip(stack.names, stack.weights, strict=True)
+        ]
+
+    def state_of(self, n: int) -> dict[str, Tensor]:
+        """The state_dict of member n's network, as its own run would save it."""
+        return {name: w[j].detach().clone() for name, w, j in self.placed(n)}

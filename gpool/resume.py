@@ -149,22 +149,29 @@ def stop_with_launcher(grace_seconds: float = 20.0) -> None:
 
 # --- checkpoints --------------------------------------------------------------------------
 
+#: Optimiser state that all members of a stack share (one step count); every other slot
+#: (Adam's moments, SGD's momentum) holds one slice per member, even for a 0-dim parameter.
+SHARED_SLOTS = ("step",)
+
 
 def member_parts(state: TrainState, n: int) -> dict[str, Any]:
     """Member n's weights and optimiser state as its own run would hold them, whether it
     trains alone or stacked with others (so it can resume either way)."""
     if not isinstance(state.model, StackedModel):
         return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
-    stack, j = state.model.locate(n)
+    placed = state.model.placed(n)
     full = state.optimizer.state_dict()
     index = {id(p): i for i, p in enumerate(state.optimizer.param_groups[0]["params"])}
     slots = {}
-    for i, weight in enumerate(stack.weights):
+    for i, (_, weight, j) in enumerate(placed):
         if (slot := full["state"].get(index[id(weight)])) is not None:
-            slots[i] = {k: v[j].clone() if v.dim() else v.clone() for k, v in slot.items()}
+            slots[i] = {
+                k: v.clone() if k in SHARED_SLOTS else v[j].clone() for k, v in slot.items()
+            }
     group = {k: v for k, v in full["param_groups"][0].items() if k != "params"}
-    group["params"] = list(range(len(stack.weights)))
-    return {"model": stack.state_of(j), "optimizer": {"state": slots, "param_groups": [group]}}
+    group["params"] = list(range(len(placed)))
+    model = state.model.state_of(n)
+    return {"model": model, "optimizer": {"state": slots, "param_groups": [group]}}
 
 
 def save_checkpoint(path: Path, state: TrainState, n: int, meta: Mapping[str, str]) -> None:
@@ -253,23 +260,22 @@ def restore(checkpoints: Sequence[Mapping[str, Any]], state: TrainState) -> None
 def load_stacked(
     checkpoints: Sequence[Mapping[str, Any]], model: StackedModel, optimizer: Optimizer
 ) -> None:
-    """Stack the members' weights and optimiser slots back into a StackedModel's."""
+    """Put the members' weights and optimiser slots back into a StackedModel's stacks,
+    each into its own slice."""
     full = optimizer.state_dict()
     index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
-    n = 0
-    for stack in model.stacks:
-        mine = checkpoints[n : n + stack.size]
-        with torch.no_grad():
-            for name, weight in zip(stack.names, stack.weights, strict=True):
-                weight.copy_(torch.stack([c["model"][name] for c in mine]))
-        for i, weight in enumerate(stack.weights):
-            slots = [c["optimizer"]["state"].get(i) for c in mine]
-            if slots[0] is not None:
-                full["state"][index[id(weight)]] = {
-                    k: torch.stack([s[k] for s in slots]) if v.dim() else v.clone()
-                    for k, v in slots[0].items()
-                }
-        n += stack.size
+    for n, checkpoint in enumerate(checkpoints):
+        for i, (name, weight, j) in enumerate(model.placed(n)):
+            with torch.no_grad():
+                weight[j].copy_(checkpoint["model"][name])
+            if (slot := checkpoint["optimizer"]["state"].get(i)) is None:
+                continue
+            stacked = full["state"].setdefault(index[id(weight)], {})
+            for k, v in slot.items():
+                if k in SHARED_SLOTS:
+                    stacked[k] = v.clone()
+                else:
+                    stacked.setdefault(k, v.new_zeros((weight.shape[0], *v.shape)))[j] = v
     optimizer.load_state_dict(full)
 
 

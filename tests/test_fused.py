@@ -8,13 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from conftest import (
     DEBIAN_DIR,
     history,
     job_runs,
-    options,
     run_gpool,
     start_gpool,
     store,
@@ -23,9 +20,6 @@ from conftest import (
 from mlflow.entities import Run
 
 from gpool import stats
-from gpool.config import compose_config
-from gpool.engine import seed_everything
-from gpool.model import StackedModel, build_model
 
 pytestmark = pytest.mark.process
 
@@ -37,28 +31,6 @@ HEADS_X_SEEDS = ("pool=avg,max", "seed=0,1")
 
 def by_name(tmp: Path) -> dict[str, object]:
     return {r.info.run_name: r for r in job_runs(tmp)}
-
-
-@pytest.mark.parametrize("position", ["class_maps", "features"])
-@pytest.mark.parametrize("pool", options("pool"))
-def test_one_step_of_a_stack_has_each_runs_own_gradients(pool: str, position: str) -> None:
-    """In float64, so that float32 rounding cannot hide a wrong grouping."""
-    cfg = compose_config(f"pool={pool}", f"model.pool_position={position}")
-    networks = []
-    for seed in (0, 1, 2):
-        seed_everything(seed)
-        networks.append(build_model(cfg).double())
-    stacked = StackedModel(networks)
-    x = torch.randn(3 * 8, 1, 28, 28, dtype=torch.float64)
-    y = torch.randint(0, 10, (3 * 8,))
-    F.cross_entropy(stacked(x), y, reduction="none").view(3, 8).mean(1).sum().backward()
-    (stack,) = stacked.stacks  # one architecture: one stack
-    for j, network in enumerate(networks):
-        F.cross_entropy(network(x[8 * j : 8 * (j + 1)]), y[8 * j : 8 * (j + 1)]).backward()
-        scale = max(p.grad.abs().max() for p in network.parameters())  # this run's gradient
-        for name, weight in zip(stack.names, stack.weights, strict=True):
-            own = dict(network.named_parameters())[name].grad
-            assert (weight.grad[j] - own).abs().max() / scale < 1e-9, (pool, name)
 
 
 def test_a_fused_sweep_trains_what_separate_runs_train(tmp_path: Path, idx_root: Path) -> None:
