@@ -8,9 +8,10 @@ and how it is met here (PyTorch docs, notes/cuda "Whole-network capture"):
   index buffer and a step counter on the device picks the batch inside the graph; the last,
   short batch is padded to the full size with per-image weights (padding weighs 0; the
   network has no BatchNorm, so this is exact);
-- Adam/AdamW with `capturable=True` and the learning rate as a device tensor that a
-  scheduler fills in place; while no pass runs the optimiser holds plain values again, so
-  checkpoints are what an eager run writes;
+- Adam/AdamW with `capturable=True` and the values a scheduler changes every step (the lr;
+  beta1 where one-cycle cycles the momentum) as device tensors filled in place (LiveValues);
+  while no pass runs the optimiser holds plain values again, so checkpoints are what an
+  eager run writes;
 - warm-up steps on a side stream (they really update the weights: weights and optimiser
   state are put back afterwards), then capture, after any checkpoint was restored.
 """
@@ -49,20 +50,83 @@ def blockers(device: torch.device, compile_mode: str | None, state: TrainState) 
         reasons.append("trainer.compile is set (torch.compile makes graphs its own way)")
     if not isinstance(state.optimizer, CAPTURABLE):
         reasons.append(f"optimizer {type(state.optimizer).__name__} is not Adam or AdamW")
-    if getattr(state.scheduler, "cycle_momentum", False):
-        reasons.append(
-            f"{type(state.scheduler).__name__} cycles the momentum every step, which a graph "
-            "would freeze (scheduler.lr_scheduler.cycle_momentum=false allows capture)"
-        )
     return reasons
 
 
-def frozen_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's settings that a captured step bakes in: all but lr."""
-    return [
-        {k: v for k, v in group.items() if k not in ("params", "lr", "capturable")}
-        for group in optimizer.param_groups
-    ]
+def cycles_momentum(scheduler: Any | None) -> bool:
+    """Whether the scheduler writes Adam's beta1 every step (one-cycle's cycle_momentum)."""
+    return bool(getattr(scheduler, "cycle_momentum", False))
+
+
+class LiveValues:
+    """The settings a scheduler changes between steps, per param group: the lr, and beta1
+    when the momentum cycles. While a pass runs they are device tensors that the captured
+    step reads and that are filled in place; between passes plain values, as an eager run
+    holds them (what checkpoints and schedulers see). Everything else a group holds is baked
+    into the graph, and a scheduler that changes it is refused.
+
+    Adam reads a tensor beta1 without a host sync only per parameter (foreach=False): its
+    multi-tensor step turns it into a Python number. Where Adam has no capturable mode (the
+    CPU) the step reads the same tensors eagerly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, momentum: bool):
+        self.optimizer, self.momentum = optimizer, momentum
+        groups = optimizer.param_groups
+        self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in groups]
+        self.beta1s = (
+            [torch.tensor(float(g["betas"][0]), device=device) for g in groups] if momentum else []
+        )
+        self.eager = {k: [g[k] for g in groups] for k in ("capturable", "foreach")}
+        self.capturable = device.type == "cuda"
+        self.frozen = self.baked()
+
+    def baked(self) -> list[dict[str, Any]]:
+        """Each group's settings that a captured step bakes in."""
+        live = ("params", "lr", "capturable", "foreach") + (("betas",) if self.momentum else ())
+        groups = self.optimizer.param_groups
+        kept = [{k: v for k, v in g.items() if k not in live} for g in groups]
+        if self.momentum:  # beta2 stays a number: Adam's per-parameter step syncs on a tensor
+            kept = [{**k, "beta2": float(g["betas"][1])} for k, g in zip(kept, groups, strict=True)]
+        return kept
+
+    def install(self) -> None:
+        """The tensors, filled with the groups' current values, into the groups."""
+        if self.baked() != self.frozen:
+            raise GpoolError(
+                "the scheduler changed optimizer settings other than the lr and beta1, which "
+                "the CUDA graph baked in: pass trainer.cuda_graph=false"
+            )
+        for n, group in enumerate(self.optimizer.param_groups):
+            self.lrs[n].fill_(float(group["lr"]))
+            group["lr"], group["capturable"] = self.lrs[n], self.capturable
+            if self.momentum:
+                self.beta1s[n].fill_(float(group["betas"][0]))
+                group["betas"] = (self.beta1s[n], float(group["betas"][1]))
+                group["foreach"] = False
+
+    def follow(self) -> None:
+        """Copy what a per-step scheduler put in the groups into the tensors: it fills a
+        tensor lr in place, or (some torch versions, some schedulers) sets a number; it
+        always sets beta1 as a number."""
+        for n, group in enumerate(self.optimizer.param_groups):
+            if group["lr"] is not self.lrs[n]:
+                self.lrs[n].fill_(float(group["lr"]))
+                group["lr"] = self.lrs[n]
+            if self.momentum and group["betas"][0] is not self.beta1s[n]:
+                self.beta1s[n].fill_(float(group["betas"][0]))
+                group["betas"] = (self.beta1s[n], group["betas"][1])
+
+    def uninstall(self) -> None:
+        """Plain values back in the groups (one host sync), the scheduler's last included."""
+        self.follow()
+        lrs = torch.stack(self.lrs).tolist()
+        beta1s = torch.stack(self.beta1s).tolist() if self.momentum else []
+        for n, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lrs[n]
+            for key, values in self.eager.items():
+                group[key] = values[n]
+            if self.momentum:
+                group["betas"] = (beta1s[n], group["betas"][1])
 
 
 class GraphedSteps:
@@ -81,16 +145,13 @@ class GraphedSteps:
         real = torch.arange(batch).expand(steps, batch) < torch.tensor(counts).unsqueeze(1)
         self.weights = (real / torch.tensor(counts).unsqueeze(1)).unsqueeze(1).to(device)
         self.counter = torch.zeros(1, dtype=torch.int64, device=device)
-        groups = self.optimizer.param_groups
-        self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in groups]
-        self.capturable = self.optimizer.defaults.get("capturable", False)
+        self.live = LiveValues(self.optimizer, device, cycles_momentum(state.scheduler))
         for slots in self.optimizer.state.values():  # restored from a checkpoint: on the CPU
             if "step" in slots:
                 slots["step"] = slots["step"].to(device)
-        self.frozen = frozen_hyperparameters(self.optimizer)
-        self._install()
+        self.live.install()
         self.graph, self.losses = self._capture(step)
-        self._uninstall()
+        self.live.uninstall()
 
     def _body(self, step: Step) -> Tensor:
         """One step, reading its batch at the device-side counter: what is captured."""
@@ -130,27 +191,10 @@ class GraphedSteps:
         self.trained.correct.zero_()
         return graph, losses
 
-    def _install(self) -> None:
-        """Put the device lr tensors (filled with the current values) into the groups."""
-        if frozen_hyperparameters(self.optimizer) != self.frozen:
-            raise GpoolError(
-                "the scheduler changed optimizer settings other than the lr, which the CUDA "
-                "graph baked in: pass trainer.cuda_graph=false"
-            )
-        for group, lr in zip(self.optimizer.param_groups, self.lrs, strict=True):
-            lr.fill_(float(group["lr"]))
-            group["lr"], group["capturable"] = lr, True
-
-    def _uninstall(self) -> None:
-        """Plain values back in the groups, as an eager run holds them (one host sync)."""
-        values = torch.stack(self.lrs).tolist()
-        for group, value in zip(self.optimizer.param_groups, values, strict=True):
-            group["lr"], group["capturable"] = value, self.capturable
-
     def begin(self, order: Tensor) -> TrainPass:
         """Load an epoch's order ([members, images]) into the static buffers; the pass
         returned reads the static accumulators."""
-        self._install()
+        self.live.install()
         members, seen = order.shape
         steps = self.batches.shape[0]
         padded = torch.zeros(members, steps * self.batch, dtype=order.dtype, device=order.device)
@@ -163,17 +207,9 @@ class GraphedSteps:
 
     def step(self) -> Tensor:
         """Replay the next step; returns the members' losses (overwritten by the next)."""
-        self._follow_scheduler()
+        self.live.follow()
         self.graph.replay()
         return self.losses
 
-    def _follow_scheduler(self) -> None:
-        """A per-step scheduler fills the lr tensors in place, or (some torch versions, some
-        schedulers) puts a new value in the group: copy that into the captured tensor."""
-        for group, lr in zip(self.optimizer.param_groups, self.lrs, strict=True):
-            if group["lr"] is not lr:
-                lr.fill_(float(group["lr"]))
-                group["lr"] = lr
-
     def end(self) -> None:
-        self._uninstall()
+        self.live.uninstall()
