@@ -166,10 +166,15 @@ def history(tmp: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def run_gpool(
-    tmp_path: Path, data_root: Path, *overrides: str, multirun: bool = False
+    tmp_path: Path,
+    data_root: Path,
+    *overrides: str,
+    multirun: bool = False,
+    entry: tuple[str, ...] = ("-m", "gpool.train"),
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m gpool.train` as a user runs it, with its store and outputs under tmp_path."""
-    args = [sys.executable, "-m", "gpool.train"]
+    """`python -m gpool.train` as a user runs it, with its store and outputs under tmp_path
+    (`entry`: what follows `python` instead)."""
+    args = [sys.executable, *entry]
     if multirun:
         args.append("-m")
     args += [

@@ -21,6 +21,7 @@ from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
 from gpool.resume import config_hash
 from gpool.sweep import sweep_key
+from hydra_plugins.gpool_fused.fused_launcher import reasons_against_fusing
 
 
 def test_defaults_are_the_articles_network_and_optimiser() -> None:
@@ -243,3 +244,25 @@ def test_compare_refuses_points_that_are_no_margin_in_one_line(
     err = capsys.readouterr().err
     assert f"{points!r} is no number of points in (0, 100)" in err and "Traceback" not in err
     assert compare_arguments([option, "0.5"]).__dict__[option[2:]] == 0.5
+
+
+def test_the_default_launcher_fuses_only_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpool's default (hydra/launcher=auto) decides before any job runs; CUDA mocked here,
+    the CPU side runs for real in tests/test_fused.py."""
+    cfg = make_cfg(hydra=True)
+    assert cfg.hydra.launcher._target_.endswith("AutoLauncher")
+    assert reasons_against_fusing(cfg) == [  # this machine: no GPU
+        "torch sees no CUDA GPU here, and on a CPU fusing does not pay"
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert reasons_against_fusing(cfg) == []
+    assert reasons_against_fusing(make_cfg("trainer.device=cuda:1", hydra=True)) == []
+    assert reasons_against_fusing(make_cfg("trainer.device=cpu", hydra=True)) == [
+        "trainer.device=cpu"
+    ]
+    batches = make_cfg("hydra.sweeper.max_batch_size=2", hydra=True)
+    assert reasons_against_fusing(batches) == [
+        "hydra.sweeper.max_batch_size hands the launcher the sweep in batches"
+    ]
+    explicit = make_cfg("hydra/launcher=basic", hydra=True)  # the user's choice wins
+    assert explicit.hydra.launcher._target_.endswith("BasicLauncher")

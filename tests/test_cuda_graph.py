@@ -169,9 +169,13 @@ def test_a_nan_in_a_captured_step_fails_the_run(ragged_root: Path) -> None:
         trainer.fit(state, data)
 
 
-def test_a_fused_sweep_on_the_gpu_captures_its_steps(tmp_path: Path, ragged_root: Path) -> None:
-    fused = ("hydra/launcher=fused", "pool=avg,max", "seed=0,1")
-    proc = run_gpool(tmp_path, ragged_root, *fused, "trainer.epochs=2", multirun=True)
+def test_the_default_sweep_on_the_gpu_fuses_and_captures_its_steps(
+    tmp_path: Path, ragged_root: Path
+) -> None:
+    """No launcher named: gpool's default (hydra/launcher=auto) fuses on a GPU."""
+    sweep = ("pool=avg,max", "seed=0,1", "experiment=quick", "trainer.epochs=2")
+    proc = run_gpool(tmp_path, ragged_root, *sweep, multirun=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
+    assert "train fused, on the GPU" in output and "training 4 jobs as one model" in output
     assert output.count("capturing the training step as a CUDA graph") == 1  # one group

@@ -91,14 +91,30 @@ def model_metrics(run: Run) -> set[str]:
     return {key for key in run.data.metrics if not key.startswith("system/")}
 
 
+#: `python -m gpool.train` with the default launcher's decision told that fusing pays (as
+#: on a GPU), on this CPU.
+AS_IF_ON_A_GPU = (
+    "-c",
+    "import runpy, gpool.engine; gpool.engine.fusing_blockers = lambda device: []; "
+    "runpy.run_module('gpool.train', run_name='__main__', alter_sys=True)",
+)
+
+
 def test_a_fused_sweep_looks_like_a_basic_one_in_mlflow(tmp_path: Path, idx_root: Path) -> None:
+    """Both from the default launcher (hydra/launcher=auto): fused where it decides that
+    fusing pays, one after another on this CPU as it is."""
     fused, basic = tmp_path / "fused", tmp_path / "basic"
     fused.mkdir(), basic.mkdir()
     short = ("trainer.epochs=1", "trainer.limit_train_batches=2")
-    proc = run_gpool(fused, idx_root, FUSED, *HEADS_X_SEEDS, *short, multirun=True)
+    sweep = (*HEADS_X_SEEDS, *short)
+    proc = run_gpool(fused, idx_root, *sweep, multirun=True, entry=AS_IF_ON_A_GPU)
     assert proc.returncode == 0, proc.stderr
+    assert "jobs that differ only in seed and pool train fused, on the GPU" in proc.stdout
     assert "training 4 jobs as one model" in proc.stdout
-    assert run_gpool(basic, idx_root, *HEADS_X_SEEDS, *short, multirun=True).returncode == 0
+    proc = run_gpool(basic, idx_root, *sweep, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "the sweep's jobs run one after another: torch sees no CUDA GPU" in proc.stdout
+    assert "as one model" not in proc.stdout
     (parent,) = sweep_runs(fused)
     assert parent.info.status == "FINISHED"
     folders = sorted(p.name for p in (fused / "multirun").iterdir() if p.is_dir())

@@ -1,7 +1,8 @@
 """`hydra/launcher=fused` (conf/hydra/launcher/fused.yaml): a sweep's jobs that differ only
 in their seeds and heads train in one process as one stacked model
 (gpool.model.StackedModel), each still its own Hydra job with its own output folder,
-checkpoint and MLflow run.
+checkpoint and MLflow run. `hydra/launcher=auto`, gpool's default, fuses only where that
+pays (a CUDA GPU) and otherwise runs the jobs one after another, as Hydra's basic launcher.
 
 Jobs are grouped by their overrides other than the `fuse` keys. A group trains as one
 model when its optimiser updates elementwise with one step count (Adam, AdamW, SGD), so
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -23,6 +25,7 @@ from hydra.types import HydraContext, TaskFunction
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, open_dict
 
+import gpool.engine
 from gpool import GpoolError
 from gpool.config import build as build_object
 from gpool.config import check_values, override_key
@@ -138,3 +141,41 @@ class FusedLauncher(Launcher):
             return [store_failed(error)] * len(jobs)
         except Exception as error:  # the whole group failed (bad data, a bug): each job says so
             return [error] * len(jobs)
+
+
+def reasons_against_fusing(config: DictConfig) -> list[str]:
+    """Why a sweep with this config runs its jobs one after another (empty: it fuses)."""
+    reasons = gpool.engine.fusing_blockers(str(config.trainer.device))
+    if config.hydra.sweeper.get("max_batch_size"):
+        reasons.append("hydra.sweeper.max_batch_size hands the launcher the sweep in batches")
+    return reasons
+
+
+class AutoLauncher(Launcher):
+    """`hydra/launcher=auto`, the default: the fused launcher where fusing pays, Hydra's
+    basic launcher elsewhere; the log says which and why. Either way every job is its own
+    Hydra job and MLflow run with the same config hash, so a rerun skips finished jobs
+    whichever way they were trained. An explicit hydra/launcher=... replaces it."""
+
+    def __init__(self, fuse: Sequence[str] = ("seed", "pool")) -> None:
+        self.fused = FusedLauncher(fuse)
+        self.chosen: Launcher = self.fused
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        if reasons := reasons_against_fusing(config):
+            log.info("the sweep's jobs run one after another: %s", "; ".join(reasons))
+            self.chosen = BasicLauncher()
+        else:
+            log.info(
+                "jobs that differ only in %s train fused, on the GPU (hydra/launcher=basic "
+                "runs them one after another)",
+                " and ".join(self.fused.fuse),
+            )
+        self.chosen.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        return self.chosen.launch(job_overrides, initial_job_idx)
