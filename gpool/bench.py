@@ -40,6 +40,7 @@ from gpool.config import compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.model import ConvNet, build_model
+from gpool.profiling import KINDS, profile_groups
 from gpool.train import start
 
 
@@ -303,6 +304,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help="epochs of the quick recipe for time-to-accuracy (0: skip)",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only count one training step's operators and kernels by kind, for 1, 6 and 35 "
+        "fused members (gpool.profiling), and exit",
+    )
+    parser.add_argument(
         "--no-end-to-end",
         action="store_true",
         help="skip timing a whole `python -m gpool.train` epoch",
@@ -315,8 +322,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> float:
+def main(argv: list[str] | None = None) -> float | None:
     args = arguments(argv)
+    if args.profile:
+        print_profile([f"trainer.device={args.device}", *args.overrides], argv)
+        return None
     overrides = [
         "experiment=article",
         f"pool={args.pool}",
@@ -330,11 +340,7 @@ def main(argv: list[str] | None = None) -> float:
     trainer: Trainer = instantiate(cfg.trainer)
     data = instantiate(cfg.dataset).load(trainer.device, trainer.channels_last)
     device = trainer.device
-    print(f"machine: {machine(device)}")
-    print(
-        f"date: {date.today().isoformat()}; command: python -m gpool.bench "
-        + " ".join(sys.argv[1:] if argv is None else argv)
-    )
+    print_header(device, argv)
     sides = [
         lambda: reference_epoch(cfg, device, args.steps, published=True),
         lambda: reference_epoch(cfg, device, args.steps, published=False),
@@ -357,6 +363,29 @@ def main(argv: list[str] | None = None) -> float:
     ratio = medians["reference, published"] / medians["gpool"]
     print(f"\nspeed-up reference (as published)/gpool per epoch: {ratio:.2f}x")
     return ratio
+
+
+def print_header(device: torch.device, argv: list[str] | None) -> None:
+    """Machine, date and command: what makes a printed ratio a claim one can check."""
+    print(f"machine: {machine(device)}")
+    print(
+        f"date: {date.today().isoformat()}; command: python -m gpool.bench "
+        + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+
+
+def print_profile(overrides: list[str], argv: list[str] | None) -> None:
+    """The operator counts of one fused training step per group, as a Markdown table."""
+    rows = profile_groups(overrides)
+    device = build_object(compose_config(*overrides).trainer).device
+    print_header(device, argv)
+    print("\none eager training step: operator calls / kernels-to-be (gpool.profiling)\n")
+    print("| members | " + " | ".join(KINDS) + " | all |")
+    print("|---|" + "---|" * (len(KINDS) + 1))
+    for label, counted in rows:
+        cells = [f"{calls} / {kernels}" for calls, kernels in counted.values()]
+        total = [sum(c[i] for c in counted.values()) for i in (0, 1)]
+        print(f"| {label} | " + " | ".join(cells) + f" | {total[0]} / {total[1]} |")
 
 
 def extras(args: argparse.Namespace, medians: dict[str, float]) -> None:

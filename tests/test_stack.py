@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from conftest import options
 from hydra.utils import instantiate
 
+from gpool import bench
 from gpool.config import build, compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.model import StackedModel, build_model
-from gpool.profiling import profile_step, training_step
+from gpool.profiling import KINDS, profile_step, training_step
 from gpool.resume import load_checkpoint, member_parts, restore, save_checkpoint
 from gpool.train import start
 
@@ -122,3 +123,21 @@ def test_a_fused_step_runs_one_set_of_convolutions_whatever_the_heads(data: Imag
     assert convolutions(data, heads, 2) == one  # 12 members of 6 heads: the same calls
     # Attention pooling adds its own 1x1 scoring conv: one for all of its members.
     assert convolutions(data, tuple(options("pool")), 2) == (layers + 1, layers + 1)
+
+
+def test_bench_profile_prints_a_row_per_group(
+    idx_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = (f"dataset.root={idx_root}", "dataset.checksums=null", "trainer.batch_size=8")
+    assert bench.main(["--profile", "--device", "cpu", *data]) is None
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header, *groups = rows
+    assert header.split(" | ")[1:-1] == list(KINDS)
+    assert [row.split(" | ")[0] for row in groups] == [
+        "| 1 (1 head x 1)",
+        "| 6 (2 heads x 3)",
+        "| 35 (7 heads x 5)",
+    ]
+    # 35 members of 7 heads: one run's convolutions and the attention head's scoring conv.
+    one, _, every = (row.split(" | ")[1] for row in groups)
+    assert int(every.split(" / ")[0]) == int(one.split(" / ")[0]) + 1
