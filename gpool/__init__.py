@@ -5,7 +5,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 #: The checkout that holds conf/ and runs/; outputs land here whatever the job's cwd is.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +35,17 @@ def threads_per_job() -> int | None:
 # the config with hydra.compose.
 OmegaConf.register_new_resolver("gpool.root", lambda: str(PROJECT_ROOT), replace=True)
 OmegaConf.register_new_resolver("gpool.threads", threads_per_job, replace=True)
-# The maps a pool head sees (conf/pool/attention.yaml): one per class, or the last features.
-OmegaConf.register_new_resolver(
-    "gpool.pooled_channels",
-    lambda position, classes, widths: classes if position == "class_maps" else widths[-1],
-    replace=True,
-)
+
+
+def pooled_channels(model: DictConfig, classes: int) -> int:
+    """The maps a pool head sees (conf/pool/attention.yaml): one per class, or the
+    backbone's feature maps (a PooledNet's `channels`; the convnet's last width)."""
+    if model.pool_position == "class_maps":
+        return classes
+    return model.channels if "channels" in model else model.widths[-1]
+
+
+OmegaConf.register_new_resolver("gpool.pooled_channels", pooled_channels, replace=True)
 
 
 class GpoolError(CompactHydraException):

@@ -39,7 +39,7 @@ from gpool.config import build as build_object
 from gpool.config import compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
-from gpool.model import ConvNet, build_model
+from gpool.model import PooledNet, build_model
 from gpool.profiling import KINDS, profile_groups
 from gpool.train import start
 
@@ -88,7 +88,7 @@ def peak_memory(device: torch.device) -> Iterator[list[int]]:
         result[0] = max(peak[0], resident_bytes()) - before
 
 
-def fresh_model(cfg: DictConfig, seed: int) -> ConvNet:
+def fresh_model(cfg: DictConfig, seed: int) -> PooledNet:
     seed_everything(seed)
     return build_model(cfg)
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from gpool import GpoolError
+from gpool.stacking import kept_buffers
 
 if TYPE_CHECKING:
     from gpool.engine import TrainPass, TrainState
@@ -50,6 +51,11 @@ def blockers(device: torch.device, compile_mode: str | None, state: TrainState) 
         reasons.append("trainer.compile is set (torch.compile makes graphs its own way)")
     if not isinstance(state.optimizer, CAPTURABLE):
         reasons.append(f"optimizer {type(state.optimizer).__name__} is not Adam or AdamW")
+    if kept := kept_buffers(state.model):
+        reasons.append(
+            f"the model keeps buffers ({kept[0]}...: BatchNorm), whose statistics the padded "
+            "last batch of an epoch would change"
+        )
     return reasons
 
 

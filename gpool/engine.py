@@ -88,7 +88,7 @@ class Member:
 class TrainState:
     """Everything that changes while runs train: what a checkpoint saves and restores.
 
-    `model` is one network (one member) or a gpool.model.StackedModel of several members,
+    `model` is one network (one member) or a gpool.stacking.StackedModel of several members,
     which takes and returns the members' batches one after the other ([members x batch]);
     one optimizer and scheduler serve all members.
     """

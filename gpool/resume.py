@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from gpool import GpoolError
 from gpool.config import flatten
 from gpool.engine import EpochResult, TrainState
-from gpool.model import StackedModel
+from gpool.stacking import StackedModel
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from gpool.config import check_values, override_key
 from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
 from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
-from gpool.model import StackedModel, build_model
+from gpool.model import build_model
 from gpool.plots import plot_class_maps, plot_confusion, plot_curves
 from gpool.predictions import ARTIFACT_DIR
 from gpool.predictions import save as save_predictions
@@ -49,6 +49,7 @@ from gpool.resume import (
     save_checkpoint,
     stop_with_launcher,
 )
+from gpool.stacking import StackedModel
 from gpool.tracking import (
     SECONDS_TAG,
     SWEPT_KEYS_ENV,

@@ -53,6 +53,7 @@ def test_groups_have_the_promised_options() -> None:
     assert options("scheduler") == ["cosine", "none", "onecycle"]
     assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
     assert options("experiment") == ["article", "decide", "quick", "tuned"]
+    assert options("model") == ["convnet", "resnet18"]
 
 
 def test_the_tuned_preset_holds_out_data_and_sweeps_heads_lrs_and_seeds() -> None:
@@ -92,14 +93,30 @@ def test_heads_work_for_any_map_size(pool: str, hw: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("position", ["class_maps", "features"])
 @pytest.mark.parametrize("pool", options("pool"))
-def test_every_head_trains_inside_the_model(pool: str, position: str) -> None:
-    cfg = make_cfg(f"pool={pool}", f"model.pool_position={position}")
+@pytest.mark.parametrize("network", options("model"))
+def test_every_head_trains_inside_every_model(network: str, pool: str, position: str) -> None:
+    """Three Adam steps on one batch: every parameter gets a gradient, the loss falls, and
+    the backbone and the head both learn."""
+    cfg = make_cfg(f"model={network}", f"pool={pool}", f"model.pool_position={position}")
+    torch.manual_seed(0)
     model = build_model(cfg)
     model.initialise("xavier")
-    out = model(torch.randn(4, 1, 28, 28))
-    assert out.shape == (4, 10)
-    torch.nn.functional.cross_entropy(out, torch.arange(4)).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 1, 28, 28), torch.arange(8)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(x)
+        assert out.shape == (8, 10)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    moved = {k.split(".")[0] for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert "features" in moved and moved & {"classifier", "head"}, moved
 
 
 def test_pooling_the_features_classifies_them_linearly_with_class_activation_maps() -> None:
@@ -145,10 +162,11 @@ def test_schedulers_instantiate(name: str) -> None:
     assert optimizer.param_groups[0]["lr"] < 0.1 or name == "onecycle"
 
 
+@pytest.mark.parametrize("network", options("model"))
 @pytest.mark.parametrize("name", options("dataset"))
-def test_model_output_matches_each_dataset(name: str, tmp_path: Path) -> None:
+def test_model_output_matches_each_dataset(name: str, network: str, tmp_path: Path) -> None:
     own = ["dataset.num_classes=4"] if name == "image_folder" else []  # set by the user
-    cfg = make_cfg(f"dataset={name}", *own)
+    cfg = make_cfg(f"dataset={name}", f"model={network}", *own)
     dataset = instantiate(cfg.dataset, root=str(tmp_path))
     assert isinstance(dataset, ImageFolderImages if own else TorchvisionImages)
     if not own:

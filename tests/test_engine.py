@@ -194,3 +194,11 @@ def test_live_values_are_tensors_in_a_pass_and_numbers_between(data: ImageData) 
     for p, q in zip(live[1].parameters(), plain[1].parameters(), strict=True):
         assert (p - q).abs().mean() <= 0.02 * q.abs().mean()
     assert live[2].param_groups[0]["foreach"] == plain[2].param_groups[0]["foreach"]
+
+
+def test_a_model_with_batchnorm_is_not_captured(data: ImageData) -> None:
+    """Its running statistics would count the padding of an epoch's last batch."""
+    cfg = make_cfg("model=resnet18", "trainer.device=cpu")
+    state = start(instantiate(cfg.trainer), data, [cfg])
+    (reason,) = blockers(torch.device("cuda"), None, state)
+    assert reason.startswith("the model keeps buffers (features.bn1.running_mean...: BatchNorm)")

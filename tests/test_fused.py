@@ -205,6 +205,20 @@ def test_a_config_a_fused_sweep_will_resume_later_is_not_trained_beside_it(
     assert [step for step, _ in history(tmp_path, run.info.run_id, "val_acc")] == list(range(1, 17))
 
 
+def test_a_sweep_of_a_batchnorm_model_trains_its_jobs_one_by_one(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    """model=resnet18 keeps BatchNorm statistics, which a stack cannot hold per member."""
+    short = ("trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+    sweep = (FUSED, "model=resnet18", "pool=avg,max", "trainer.eval_batch_size=50", *short)
+    proc = run_gpool(tmp_path, idx_root, *sweep, multirun=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "keeps buffers besides its weights (features.bn1.running_mean..." in proc.stdout
+    assert "its 2 jobs train one by one" in proc.stdout
+    assert {r.info.status for r in job_runs(tmp_path)} == {"FINISHED"}
+    assert len(job_runs(tmp_path)) == 2
+
+
 def test_a_nan_member_fails_alone_and_a_finished_one_is_skipped(
     tmp_path: Path, idx_root: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""gpool.model.StackedModel on the CPU, in-process: one trunk for every member whatever its
+"""gpool.stacking.StackedModel on the CPU, in-process: one trunk for every member whatever its
 head, each member's gradients, checkpoints and convolutions as its own run's."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from gpool import bench
 from gpool.config import build, compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
-from gpool.model import StackedModel, build_model
+from gpool.model import build_model
 from gpool.profiling import KINDS, profile_step, training_step
 from gpool.resume import load_checkpoint, member_parts, restore, save_checkpoint
+from gpool.stacking import StackedModel
 from gpool.train import start
 
 

@@ -1,13 +1,14 @@
 """`hydra/launcher=fused` (conf/hydra/launcher/fused.yaml): a sweep's jobs that differ only
 in their seeds and heads train in one process as one stacked model
-(gpool.model.StackedModel), each still its own Hydra job with its own output folder,
+(gpool.stacking.StackedModel), each still its own Hydra job with its own output folder,
 checkpoint and MLflow run. `hydra/launcher=auto`, gpool's default, fuses only where that
 pays (a CUDA GPU) and otherwise runs the jobs one after another, as Hydra's basic launcher.
 
 Jobs are grouped by their overrides other than the `fuse` keys. A group trains as one
 model when its optimiser updates elementwise with one step count (Adam, AdamW, SGD), so
-that one optimiser over the stacked parameters equals one per run; otherwise its jobs run
-one after another, and the log says why.
+that one optimiser over the stacked parameters equals one per run, and its network keeps
+no state besides its weights (no BatchNorm); otherwise its jobs run one after another, and
+the log says why.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import gpool.engine
 from gpool import GpoolError
 from gpool.config import build as build_object
 from gpool.config import check_values, override_key
+from gpool.model import build_model
+from gpool.stacking import kept_buffers
 from gpool.tracking import store_failed
 from gpool.train import Job, train_group
 
@@ -42,6 +45,18 @@ def fusable(key: str) -> bool:
     """Keys that may differ inside a group: the seed and the head. Anything else (an lr, an
     optimiser, the data) would couple members or change their shapes."""
     return key in ("seed", "pool") or key.startswith("pool.")
+
+
+def apart(cfg: DictConfig) -> str | None:
+    """Why a group's jobs cannot train as one model (None: they can)."""
+    if cfg.optimizer._target_ not in ELEMENTWISE:
+        return f"optimizer {cfg.optimizer._target_} does not update elementwise"
+    if kept := kept_buffers(build_model(cfg)):
+        return (
+            f"model {cfg.model._target_} keeps buffers besides its weights ({kept[0]}...: "
+            "BatchNorm's running statistics), which a stack cannot hold per member"
+        )
+    return None
 
 
 class FusedLauncher(Launcher):
@@ -124,19 +139,15 @@ class FusedLauncher(Launcher):
         cfg = jobs[0].cfg
         try:
             trainer = build_object(cfg.trainer)
-            if len(jobs) == 1 or cfg.optimizer._target_ in ELEMENTWISE:
-                log.info(
-                    "training %d jobs as one model: %s",
-                    len(jobs),
-                    ", ".join(j.run_name for j in jobs),
-                )
-                return train_group(jobs, trainer)
+            if len(jobs) > 1 and (reason := apart(cfg)):
+                log.info("%s: its %d jobs train one by one", reason, len(jobs))
+                return [outcome for job in jobs for outcome in train_group([job], trainer)]
             log.info(
-                "optimizer %s does not update elementwise: its %d jobs train one by one",
-                cfg.optimizer._target_,
+                "training %d jobs as one model: %s",
                 len(jobs),
+                ", ".join(j.run_name for j in jobs),
             )
-            return [outcome for job in jobs for outcome in train_group([job], trainer)]
+            return train_group(jobs, trainer)
         except MlflowException as error:  # the store broke: one line for each job
             return [store_failed(error)] * len(jobs)
         except Exception as error:  # the whole group failed (bad data, a bug): each job says so
