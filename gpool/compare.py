@@ -843,14 +843,19 @@ def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:
 
 
 def publish_comparison(
-    client: MlflowClient, run_id: str, out: Path, margin: float = MARGIN, alpha: float = ALPHA
+    client: MlflowClient,
+    run_id: str,
+    out: Path,
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+    tune: Sequence[str] | None = None,
 ) -> tuple[Comparison, str]:
-    """At the end of a sweep: compare its jobs, write the report to `out` and put it on the
-    sweep's parent run; returns the comparison and where the UI shows it."""
+    """At the end of a sweep: compare its jobs (each group at its best `tune` values, for a
+    search), write the report to `out` and put it on the sweep's parent run; returns the
+    comparison and where the UI shows it."""
     parent = client.get_run(run_id)
-    comparison = compare_jobs(
-        client, parent, sweep_jobs(client, parent), margin=margin, alpha=alpha
-    )
+    jobs = sweep_jobs(client, parent)
+    comparison = compare_jobs(client, parent, jobs, tune=tune, margin=margin, alpha=alpha)
     made = f"made {date.today().isoformat()} as the sweep ended"
     return comparison, publish(client, parent, comparison, report_files(out, comparison, made))
 

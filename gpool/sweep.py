@@ -15,7 +15,11 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -100,14 +104,73 @@ def same_in_any_order(override: str) -> str:
     return f"{override.split('=', 1)[0]}={values}"
 
 
-def swept_keys(overrides: list[str]) -> list[str]:
-    """The keys a multirun's overrides sweep over (`pool=avg,max`, `seed=range(3)`), in
-    the order given."""
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun varies, in the order given: swept in its sweeper's `params` (a
+    preset's) or on the command line (`pool=avg,max`, `seed=range(3)`), or searched
+    (`hydra/sweeper=search`)."""
+    sweeper = config.hydra.sweeper
+    given = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        parsed = OverridesParser.create().parse_overrides([*given, *config.hydra.overrides.task])
     except Exception:  # Hydra rejects it itself before any job runs
         return []
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return list(dict.fromkeys([*keys, *searched_keys(config)]))
+
+
+def searched_keys(config: DictConfig) -> list[str]:
+    """The keys a `hydra/sweeper=search` searches; its verdict tunes them (compare --tune)."""
+    return list(config.hydra.sweeper.get("search") or {})
+
+
+def factor_groups(overrides: list[str], sweeper: str, least: int) -> list[list[str]]:
+    """Every combination of the factors' values (`pool=avg,max ...`), for a sweeper that
+    owns the seed and runs each combination as a group (decide, search)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.get_key_element() == "seed" for o in parsed):
+        raise GpoolError(
+            f"{sweeper} chooses the seeds itself (0, 1, ...): drop seed=... and set "
+            "its seed count in hydra.sweeper"
+        )
+    (combinations,) = BasicSweeper.split_arguments(parsed, None)
+    if len(combinations) < least:
+        raise GpoolError(
+            f"{sweeper} needs something to compare: sweep a factor over {least} or more "
+            "values, e.g. pool=avg,max"
+        )
+    return combinations
+
+
+class GroupSweeper(Sweeper):
+    """A sweeper that owns the seed and runs every combination of the other factors as a
+    group (decide, search): `params` are factors as in Hydra's basic sweeper."""
+
+    name = "hydra/sweeper=..."  # how its messages name it
+    least = 1  # the groups it needs
+
+    def __init__(self, params: dict[str, str] | None = None) -> None:
+        self.params = dict(params or {})
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def groups(self, arguments: list[str]) -> list[list[str]]:
+        """The groups of `params` and the command line's sweeps; saves the sweep's config
+        (multirun.yaml) as Hydra's basic sweeper does."""
+        assert self.config is not None
+        overrides = [*(f"{k}={v}" for k, v in self.params.items()), *arguments]
+        groups = factor_groups(overrides, self.name, self.least)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        return groups
 
 
 def expected_jobs(config: DictConfig) -> int | None:
@@ -175,6 +238,7 @@ class SweepTracking(Callback):
         # Where the comparison's files go: this process's own config, never a tag.
         self.sweep_dir: Path | None = None
         self.margin = MARGIN  # the comparison's equivalence margin, from the config
+        self.tune: list[str] | None = None  # keys a search tuned: the verdict picks their best
         self.alpha = ALPHA  # ... and the level it decides at (see sequential_alpha)
         self.interrupted = False
 
@@ -233,7 +297,8 @@ class SweepTracking(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.margin = float(config.compare.margin)
         os.environ[PARENT_RUN_ENV] = run_id
-        os.environ[SWEPT_KEYS_ENV] = " ".join(swept_keys(config.hydra.overrides.task))
+        os.environ[SWEPT_KEYS_ENV] = " ".join(swept_keys(config))
+        self.tune = searched_keys(config) or None
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         atexit.register(self.close_parent)  # Hydra skips on_multirun_end when a job fails
         handle_stop_signals(self._interrupt)
@@ -247,13 +312,18 @@ class SweepTracking(Callback):
 
     @staticmethod
     def state_the_verdict(
-        client: MlflowClient, run_id: str, out: Path, margin: float, alpha: float
+        client: MlflowClient,
+        run_id: str,
+        out: Path,
+        margin: float,
+        alpha: float,
+        tune: list[str] | None = None,
     ) -> None:
         """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
         the files go to `out`) and print it; a sweep without any finished job has nothing to
         state."""
         try:
-            comparison, pointer = publish_comparison(client, run_id, out, margin, alpha)
+            comparison, pointer = publish_comparison(client, run_id, out, margin, alpha, tune)
         except (GpoolError, MlflowException) as err:
             log.info("no comparison on the sweep's run: %s", err)
             return
@@ -294,7 +364,7 @@ class SweepTracking(Callback):
             if completed or status != "KILLED":  # a stopped sweep is not over: no verdict
                 assert self.sweep_dir is not None
                 out = self.sweep_dir / "comparison"
-                self.state_the_verdict(client, run_id, out, self.margin, self.alpha)
+                self.state_the_verdict(client, run_id, out, self.margin, self.alpha, self.tune)
         finally:  # whatever the comparison met, the sweep's run does not stay RUNNING
             client.set_terminated(run_id, status)
 

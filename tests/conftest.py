@@ -190,6 +190,26 @@ def run_gpool(
     )
 
 
+def compare(sweep: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m gpool.compare` on the store run_gpool logged to in `sweep`, files to `out`."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpool.compare",
+            "--tracking-uri",
+            f"sqlite:///{sweep}/mlflow.db",
+            "--out",
+            str(out),
+            *args,
+        ],
+        env=gpool_env(sweep / "data"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 START_DEADLINE_S = 300
 
 

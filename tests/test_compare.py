@@ -7,8 +7,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import (
     SHORT,
-    gpool_env,
+    compare,
     job_runs,
     make_idx_root,
     mlflow_server,
@@ -68,25 +66,6 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stderr
     (tmp / "sweep.out").write_text(proc.stdout)
     return tmp
-
-
-def compare(sweep: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpool.compare",
-            "--tracking-uri",
-            f"sqlite:///{sweep}/mlflow.db",
-            "--out",
-            str(out),
-            *args,
-        ],
-        env=gpool_env(sweep / "data"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def group(name: str, finals: list[float], seeds: list[int], images=None) -> Group:

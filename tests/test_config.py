@@ -20,7 +20,7 @@ from gpool.engine import Trainer
 from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
 from gpool.resume import config_hash
-from gpool.sweep import sweep_key
+from gpool.sweep import sweep_key, swept_keys
 from hydra_plugins.gpool_fused.fused_launcher import reasons_against_fusing
 
 
@@ -52,7 +52,7 @@ def test_groups_have_the_promised_options() -> None:
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
     assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
-    assert options("experiment") == ["article", "decide", "quick", "tuned"]
+    assert options("experiment") == ["article", "decide", "quick", "search", "tuned"]
     assert options("model") == ["convnet", "resnet18"]
 
 
@@ -64,6 +64,15 @@ def test_the_tuned_preset_holds_out_data_and_sweeps_heads_lrs_and_seeds() -> Non
         "optimizer.lr": "3e-4,1e-3,3e-3",
         "seed": "0,1,2",
     }
+
+
+def test_the_search_preset_searches_each_heads_lr_and_weight_decay_on_a_holdout() -> None:
+    cfg = make_cfg("experiment=search", hydra=True)
+    assert cfg.dataset.holdout == 5000
+    assert cfg.hydra.sweeper._target_.endswith("SearchSweeper")
+    assert dict(cfg.hydra.sweeper.params) == {"pool": "avg,max"}
+    assert list(cfg.hydra.sweeper.search) == ["optimizer.lr", "optimizer.weight_decay"]
+    assert swept_keys(cfg) == ["pool", "optimizer.lr", "optimizer.weight_decay"]
 
 
 def test_new_options_at_their_old_behaviour_keep_earlier_runs_hashes() -> None:
