@@ -10,6 +10,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ class GroupSweeper(Sweeper):
     name = "hydra/sweeper=..."  # how its messages name it
     least = 1  # the groups it needs
 
-    def __init__(self, params: dict[str, str] | None = None) -> None:
+    def __init__(self, params: Mapping[str, str] | None = None) -> None:
         self.params = dict(params or {})
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None

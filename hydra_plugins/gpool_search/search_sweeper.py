@@ -88,7 +88,7 @@ class SearchSweeper(GroupSweeper):
         self.space = {key: distribution(key, str(text)) for key, text in search.items()}
         self.trials, self.per_launch, self.seeds = trials, trials_per_launch, seeds
         self.startup, self.sampler_seed = startup_trials, sampler_seed
-        super().__init__(dict(params or {}))
+        super().__init__(params)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
