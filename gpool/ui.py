@@ -3,9 +3,10 @@ factors, with charts of each group's accuracy (mean line, min-max band).
 
 MLflow's runs page keeps a shared view in an experiment tag `mlflow.sharedViewState.<key>`
 and opens it from `#/experiments/<id>/runs?viewStateShareKey=<key>`. The tag holds what the
-UI's "Share" writes in MLflow 3.17: a JSON envelope {name, createdAt, updatedAt, state}, the
-state a JSON string of search facets (searchFilter, ...) and UI state (selectedColumns,
-groupBy, compareRunCharts, ...); the UI fills in its own defaults for any key left out.
+UI's "Share" writes in MLflow 3.17 and 3.18 (neither has an API for it): a JSON envelope
+{name, createdAt, updatedAt, state}, the state a JSON string of search facets (searchFilter,
+...) and UI state (selectedColumns, groupBy, compareRunCharts, ...); the UI fills in its own
+defaults for any key left out.
 """
 
 from __future__ import annotations
