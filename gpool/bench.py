@@ -41,6 +41,7 @@ from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.model import PooledNet, build_model
 from gpool.profiling import KINDS, profile_groups
+from gpool.storebench import compare_over_server
 from gpool.train import start
 
 
@@ -310,6 +311,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         "fused members (gpool.profiling), and exit",
     )
     parser.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="RUNS",
+        help="only time gpool.compare of RUNS simulated runs over a local mlflow server and "
+        "in sqlite (gpool.storebench), and exit",
+    )
+    parser.add_argument(
         "--no-end-to-end",
         action="store_true",
         help="skip timing a whole `python -m gpool.train` epoch",
@@ -327,6 +336,9 @@ def main(argv: list[str] | None = None) -> float | None:
     if args.profile:
         print_profile([f"trainer.device={args.device}", *args.overrides], argv)
         return None
+    if args.compare:
+        print_header(torch.device("cpu"), argv)
+        return compare_over_server(args.compare, args.rounds)
     overrides = [
         "experiment=article",
         f"pool={args.pool}",

@@ -39,12 +39,21 @@ from gpool.config import GROUPS, compose_config
 from gpool.plots import LEADER, plot_forest, plot_group_curves, plot_pairwise
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result, one_per_config
-from gpool.tracking import EXPECTED_JOBS_TAG, ROLE_TAG, open_store, sweep_jobs, sweeps
+from gpool.tracking import (
+    EXPECTED_JOBS_TAG,
+    ROLE_TAG,
+    metric_histories,
+    open_store,
+    sweep_jobs,
+    sweeps,
+)
 from gpool.ui import share_comparison, ui_pointer
 
 ALPHA = 0.05
-#: Parallel requests while reading runs' metric histories (one request per run and metric).
+#: Parallel requests while reading runs' predictions (a listing and a download a run).
 FETCHERS = 16
+#: The metrics read back as a run's curves, in RunCurves' order.
+CURVES = ("val_acc", "train_acc", "test_acc")
 #: The power at which the detectable difference and the seeds needed are stated.
 POWER = 0.8
 #: The practical margin (points of accuracy) within which two heads count as equivalent.
@@ -261,32 +270,34 @@ def group_name(run: Run, names: Sequence[str]) -> str:
     )
 
 
-def fetch_curves(client: MlflowClient, run: Run) -> RunCurves:
-    """A run's curves and, per split it scored, its per-image scores."""
-
-    def series(key: str) -> list[float]:
-        if key not in run.data.metrics:  # never logged (test_acc without a holdout): no request
-            return []
-        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-        return [m.value for m in history]
-
-    curves = RunCurves(run, series("val_acc"), series("train_acc"), series("test_acc"))
+def fetch_images(client: MlflowClient, curves: RunCurves) -> RunCurves:
+    """`curves` with, per split its run scored, that run's per-image scores."""
     finals = {"val": curves.final, "test": curves.final_test}
-    for split in ("val", "test") if curves.test_acc else ("val",):
-        curves.images[split] = fetch_image_scores(client, run, split, finals[split])
+    splits = ("val", "test") if curves.test_acc else ("val",)
+    curves.images = fetch_image_scores(client, curves.run, {s: finals[s] for s in splits})
     return curves
 
 
 def fetch_all(client: MlflowClient, runs: Sequence[Run]) -> list[RunCurves]:
-    """Every run's curves and predictions: a request per run and metric or file, FETCHERS
-    at a time (280 runs on a
-    tracking server took 49 s one by one). At interpreter exit (a sweep closed by its
-    atexit hook) no new threads start: then one by one."""
+    """Every run's curves (each metric's histories in bulk, see metric_histories; a metric
+    a run never logged, such as test_acc without a holdout, is not asked for) and its
+    predictions, FETCHERS runs at a time (a listing and a download a run). At interpreter
+    exit (a sweep closed by its atexit hook) no new threads start: then one by one."""
+    histories = {
+        key: metric_histories(client, [r.info.run_id for r in runs if key in r.data.metrics], key)
+        for key in CURVES
+    }
+
+    def series(run: Run, key: str) -> list[float]:
+        history = sorted(histories[key].get(run.info.run_id, []), key=lambda m: m.step)
+        return [m.value for m in history]
+
+    curves = [RunCurves(run, *(series(run, key) for key in CURVES)) for run in runs]
     try:
         with ThreadPoolExecutor(FETCHERS) as pool:
-            return list(pool.map(partial(fetch_curves, client), runs))
+            return list(pool.map(partial(fetch_images, client), curves))
     except RuntimeError:
-        return [fetch_curves(client, run) for run in runs]
+        return [fetch_images(client, c) for c in curves]
 
 
 def latest_sweep(client: MlflowClient, experiment_id: str, experiment: str) -> Run:
@@ -548,10 +559,14 @@ def pair_table(pairs: Sequence[dict], alpha: float = ALPHA) -> list[str]:
     return out
 
 
-def mlflow_defaults() -> tuple[str, str]:
-    """The tracking URI and experiment `gpool.train` would use, from the same config."""
-    cfg = compose_config()
-    return cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name
+def mlflow_target(tracking_uri: str | None, experiment: str | None) -> tuple[str, str]:
+    """The tracking URI and experiment given, or else those `gpool.train` would use, from
+    the same config (composed only then: it takes about a second)."""
+    if tracking_uri is None or experiment is None:
+        cfg = compose_config()
+        tracking_uri = tracking_uri or cfg.mlflow.tracking_uri
+        experiment = experiment or cfg.mlflow.experiment_name
+    return tracking_uri, experiment
 
 
 def positive_points(text: str) -> float:
@@ -862,14 +877,12 @@ def publish_comparison(
 
 def main(argv: list[str] | None = None) -> str:
     args = arguments(argv)
-    default_uri, default_experiment = mlflow_defaults()
-    client = open_store(args.tracking_uri or default_uri, create=False)
+    tracking_uri, experiment = mlflow_target(args.tracking_uri, args.experiment)
+    client = open_store(tracking_uri, create=False)
     filter_string = args.filter_string
     if args.experiment and args.parent is None and filter_string is None:
         filter_string = ""  # the whole experiment
-    parent, jobs = select_runs(
-        client, args.experiment or default_experiment, args.parent, filter_string
-    )
+    parent, jobs = select_runs(client, experiment, args.parent, filter_string)
     comparison = compare_jobs(client, parent, jobs, args.detect, args.tune, args.margin)
     command = shlex.join(
         ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from mlflow import artifacts
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ARTIFACT_DIR = "predictions"
 #: The most bytes read of one predictions file: a million images, far from filling a disk.
@@ -63,36 +68,48 @@ def load(path: Path) -> np.ndarray:
 
 
 def fetch_image_scores(
-    client: MlflowClient, run: Run, split: str, score: float
-) -> ImageScores | str:
-    """The run's per-image scores on `split`, or why it has none usable: the file missing,
-    too large, of another shape (a run logged before gpool logged the true classes), or not
-    scoring `score` (its final accuracy, a fraction; one image of slack for stacked
-    members' arithmetic)."""
-    name = f"{ARTIFACT_DIR}/{file_name(split)}"
+    client: MlflowClient, run: Run, finals: Mapping[str, float]
+) -> dict[str, ImageScores | str]:
+    """Per split in `finals` (mapped to the run's final accuracy on it, a fraction), the
+    run's per-image scores, or why it has none usable: the file missing, too large, of
+    another shape (a run logged before gpool logged the true classes), or not scoring that
+    accuracy (one image of slack for stacked members' arithmetic). One listing of the
+    run's predictions/ and one download a split: over a tracking server, requests are what
+    a comparison of hundreds of runs waits for."""
     # MLflow draws a progress bar per download: noise in a report of hundreds of runs
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # By the run's artifact URI (the store's, not a tag), not its id: the client's calls by
     # run id fetch the run again each time, 3 requests more per run over a server.
-    folder_uri, uri = f"{run.info.artifact_uri}/{ARTIFACT_DIR}", client.tracking_uri
+    folder_uri = f"{run.info.artifact_uri}/{ARTIFACT_DIR}"
     try:
-        listed = artifacts.list_artifacts(artifact_uri=folder_uri, tracking_uri=uri)
-        sizes = {Path(a.path).name: a.file_size for a in listed}
-        if file_name(split) not in sizes:
-            return f"no {name}"
-        if (sizes[file_name(split)] or 0) > MOST_BYTES:
-            return f"{name} is larger than {MOST_BYTES} bytes"
+        repo = get_artifact_repository(folder_uri, tracking_uri=client.tracking_uri)
+        sizes = {Path(a.path).name: a.file_size for a in repo.list_artifacts()}
+    except (MlflowException, OSError) as err:
+        why = f"{ARTIFACT_DIR}/ unreadable ({str(err).splitlines()[0][:200]})"
+        return dict.fromkeys(finals, why)
+    return {split: read_scores(repo, sizes, split, score) for split, score in finals.items()}
+
+
+def read_scores(
+    repo: ArtifactRepository, sizes: Mapping[str, int | None], split: str, score: float
+) -> ImageScores | str:
+    """The scores in `split`'s file of the listed folder `repo` (see fetch_image_scores)."""
+    name = f"{ARTIFACT_DIR}/{file_name(split)}"
+    if file_name(split) not in sizes:
+        return f"no {name}"
+    if (sizes[file_name(split)] or 0) > MOST_BYTES:
+        return f"{name} is larger than {MOST_BYTES} bytes"
+    try:
         with tempfile.TemporaryDirectory(prefix="gpool-predictions-") as folder:
-            path = artifacts.download_artifacts(
-                artifact_uri=f"{folder_uri}/{file_name(split)}", dst_path=folder, tracking_uri=uri
-            )
-            predicted, labels = load(Path(path))
+            path = Path(folder) / file_name(split)
+            # The file itself: the public download_artifacts lists it first, to learn it is
+            # no folder, which the listing above already says (one request less a run).
+            repo._download_file(file_name(split), str(path))
+            predicted, labels = load(path)
     except ValueError as err:  # np.load's refusal of a pickle included
         return f"{name}: {str(err).splitlines()[0][:200]}"
     except (MlflowException, OSError, EOFError) as err:  # EOFError: a truncated file
         return f"{name} unreadable ({str(err).splitlines()[0][:200]})"
-    except RuntimeError:  # MLflow downloads in threads, which cannot start at exit
-        return f"{name} not read: a sweep closed as the process exits reads no artifacts"
     correct = (predicted == labels).astype(np.float64)
     if abs(correct.mean() - score) > max(1e-3, 1 / len(labels)) + 1e-9:
         return f"{name} scores {correct.mean():.4f}, the run logged {score:.4f}"

@@ -273,8 +273,12 @@ def image_weights(images: int, rng: np.random.Generator) -> np.ndarray:
     ([RESAMPLES x images]): the same draws serve every run, as every run saw the same
     images. With seed_resampled after image_resampled, the two-way bootstrap of a crossed
     design (Owen 2007), mildly conservative."""
-    draws = rng.integers(images, size=(RESAMPLES, images))
-    return np.stack([np.bincount(d, minlength=images) for d in draws]).astype(np.float32)
+    # Row by row into one float32 array: the same draws as one [RESAMPLES x images] integer
+    # array stacked and cast, without its 320 MB (1.5 s of a 280-run comparison; now 0.15 s)
+    weights = np.empty((RESAMPLES, images), dtype=np.float32)
+    for row in weights:
+        row[:] = np.bincount(rng.integers(images, size=images), minlength=images)
+    return weights
 
 
 def image_resampled(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:

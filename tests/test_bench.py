@@ -55,3 +55,22 @@ def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path:
     assert any(line.startswith("end to end:") and "MLflow calls" in line for line in lines)
     assert lines[-1].startswith("speed-up reference (as published)/gpool per epoch: ")
     assert float(lines[-1].split(": ")[1].rstrip("x")) > 0
+
+
+def test_bench_times_compare_over_a_server_against_sqlite(tmp_path: Path) -> None:
+    """`--compare RUNS`: simulated runs logged to a sqlite store and through a real `mlflow
+    server` (artifacts served), gpool.compare of each timed; the bench itself fails unless
+    both comparisons read every run's predictions back (intervals over seeds and images)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpool.bench", "--compare", "14", "--rounds", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ") and "--compare 14" in lines[1]
+    assert [line.split(":")[0] for line in lines if " s of " in line] == ["sqlite", "server"]
+    assert lines[-1].startswith("gpool.compare of 14 runs, mlflow ")
+    assert float(lines[-1].split("server / sqlite ")[1].rstrip("x")) > 0

@@ -26,9 +26,12 @@ from conftest import (
     run_gpool,
     store,
 )
+from mlflow.tracking import MlflowClient
+from mlflow.utils.rest_utils import http_request
 from scipy import stats
 from statsmodels.stats.power import TTestPower
 
+from gpool import tracking
 from gpool.compare import (
     Comparison,
     Group,
@@ -46,11 +49,11 @@ from gpool.compare import (
 )
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
+from gpool.tracking import metric_histories
 from gpool.ui import LOCAL_UI, share_comparison
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
-    from mlflow.tracking import MlflowClient
     from playwright.sync_api import Page
 
 #: Every test here reads the one tiny sweep: they share it on one worker.
@@ -280,13 +283,13 @@ def test_runs_without_usable_predictions_are_compared_on_seeds_alone(sweep: Path
     assert "| seeds alone | paired t |" in row
     assert f"{runs[0].info.run_name}: predictions/val.npy: predicted classes only" in proc.stdout
     score = runs[1].data.metrics["val_acc"]
-    assert isinstance(fetch_image_scores(client, runs[1], "val", score), ImageScores)
-    assert "the run logged" in fetch_image_scores(client, runs[1], "val", score - 0.2)
+    assert isinstance(fetch_image_scores(client, runs[1], {"val": score})["val"], ImageScores)
+    assert "the run logged" in fetch_image_scores(client, runs[1], {"val": score - 0.2})["val"]
     other = Path(urlparse(runs[1].info.artifact_uri).path) / "predictions" / "val.npy"
     logged = other.read_bytes()
     np.save(other, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     try:
-        assert "pickle" in fetch_image_scores(client, runs[1], "val", score)
+        assert "pickle" in fetch_image_scores(client, runs[1], {"val": score})["val"]
     finally:
         other.write_bytes(logged)
 
@@ -370,6 +373,32 @@ def test_server_serves_parent_and_children(server: str) -> None:
         timeout=30,
     )
     assert [m["step"] for m in json.load(history)["metrics"]] == [1, 2]
+
+
+def test_histories_over_a_server_come_in_bulk_and_match_the_store(
+    sweep: Path, server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a server, a metric's histories come 4 runs a request here (100 by default):
+    2 requests for the 6 jobs, and what they hold is what the store holds, step by step."""
+    local = store(sweep)
+    ids = [r.info.run_id for r in job_runs(sweep)]
+    requests = []
+
+    def counted(*args, **kwargs):
+        requests.append(args)
+        return http_request(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "BULK_RUNS", 4)
+    monkeypatch.setattr(tracking, "http_request", counted)
+    histories = metric_histories(MlflowClient(server), ids, "val_acc")
+    assert len(requests) == 2
+    for run_id in ids:
+        logged = local.get_metric_history(run_id, "val_acc")
+        served = histories[run_id]
+        assert sorted((m.step, m.value) for m in served) == sorted(
+            (m.step, m.value) for m in logged
+        )
+        assert len(served) == 2
 
 
 @contextmanager

@@ -17,6 +17,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
@@ -33,7 +34,10 @@ from gpool.config import check_values, override_key
 from gpool.model import build_model
 from gpool.stacking import kept_buffers
 from gpool.tracking import store_failed
-from gpool.train import Job, train_group
+
+if TYPE_CHECKING:  # imported where jobs run: gpool.train pulls in torchvision (2 s), and
+    # Hydra's plugin scan imports this module wherever a config is composed (gpool.compare)
+    from gpool.train import Job
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,8 @@ class FusedLauncher(Launcher):
             sweep_config.hydra.job.num = idx
 
         def compose(cfg: DictConfig) -> Job:
+            from gpool.train import Job
+
             check_values(cfg)
             return Job(cfg, HydraConfig.get())
 
@@ -136,6 +142,8 @@ class FusedLauncher(Launcher):
 
     def train(self, jobs: list[Job]) -> list[float | Exception]:
         """Train one group: as one model when it can be, else job by job."""
+        from gpool.train import train_group
+
         cfg = jobs[0].cfg
         try:
             trainer = build_object(cfg.trainer)
