@@ -527,7 +527,7 @@ class Trainer:
         return min(len(split), (limit or len(split)) * self.eval_batch_size)
 
     @torch.inference_mode()
-    def predict(self, model: nn.Module, data: ImageData, split: Split) -> Tensor:
-        """The predicted class of every image of `split`, on the CPU."""
-        batches = self._eval_batches(model, data, split, len(split))
+    def predict(self, model: nn.Module, data: ImageData, split: Split, n: int) -> Tensor:
+        """The predicted class of the first `n` images of `split`, on the CPU."""
+        batches = self._eval_batches(model, data, split, n)
         return torch.cat([logits.argmax(1) for logits, _ in batches]).cpu()

@@ -80,7 +80,7 @@ def idx_root(tmp_path: Path) -> Path:
 
 #: Runs long enough (about a quarter of a second an epoch on big_root) to be stopped in:
 #: the test sends its signal within 20 ms of the first checkpoint, 7 epochs before the end.
-LONG = ("trainer.epochs=8", "trainer.log_every_n_steps=10")
+LONG = ("trainer.epochs=8", "trainer.log_every_n_steps=10", "mlflow.log_model=false")
 
 
 @pytest.fixture(scope="session")
@@ -108,12 +108,17 @@ def gpool_env(data_root: Path) -> dict[str, str]:
     return env
 
 
-SHORT = (
+#: Two short epochs that log everything a run logs, its MLflow model included.
+SHORT_WITH_MODEL = (
     "trainer.epochs=2",
     "trainer.limit_train_batches=3",
     "trainer.eval_batch_size=100",
     "trainer.limit_val_batches=1",
 )
+#: ... without the MLflow model (model.pt still), which costs a process about 4 s of CPU
+#: (torch.export's import, MLflow's scan of the installed packages): tests about the model
+#: and the runs a browser shows use SHORT_WITH_MODEL.
+SHORT = (*SHORT_WITH_MODEL, "mlflow.log_model=false")
 #: Generated data cannot match the real FashionMNIST's md5s: runs on it skip that check.
 GENERATED = "dataset.checksums=null"
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import (
     SHORT,
+    SHORT_WITH_MODEL,
     compare,
     job_runs,
     make_idx_root,
@@ -65,7 +66,8 @@ CHROMIUM = shutil.which("chromium")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2 heads x 3 seeds sweep in a sqlite store; returns its folder."""
     tmp = tmp_path_factory.mktemp("sweep")
-    proc = run_gpool(tmp, make_idx_root(tmp), "pool=avg,max", "seed=0,1,2", *SHORT, multirun=True)
+    sweep = ("pool=avg,max", "seed=0,1,2", *SHORT_WITH_MODEL)  # the browser shows the models
+    proc = run_gpool(tmp, make_idx_root(tmp), *sweep, multirun=True)
     assert proc.returncode == 0, proc.stderr
     (tmp / "sweep.out").write_text(proc.stdout)
     return tmp

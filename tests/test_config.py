@@ -247,6 +247,13 @@ def test_a_one_cycle_peak_that_is_no_learning_rate_is_refused(value: str) -> Non
     check_values(make_cfg("scheduler=onecycle"))
 
 
+@pytest.mark.parametrize("switch", ["mlflow.system_metrics", "mlflow.log_model"])
+def test_a_switch_that_is_not_true_or_false_is_refused(switch: str) -> None:
+    with pytest.raises(GpoolError, match=f"{switch} must be true or false, not 'often'"):
+        check_values(make_cfg(f"{switch}=often"))
+    check_values(make_cfg(f"{switch}=false"))
+
+
 def test_the_same_sweep_in_another_order_is_the_same_sweep() -> None:
     def key(*overrides: str) -> str:
         cfg = make_cfg(hydra=True)

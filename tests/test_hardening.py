@@ -24,6 +24,7 @@ from conftest import (
     GENERATED,
     LONG,
     SHORT,
+    SHORT_WITH_MODEL,
     all_runs,
     gpool_env,
     history,
@@ -374,7 +375,8 @@ def test_sigterm_while_loading_or_logging_ends_in_one_line_and_no_running_run(
     images = tmp_path / "images"
     write_image_folder(images, {"ash": 40, "birch": 200}, size=8, count=1200)
     own = ("dataset=image_folder", f"dataset.root={images}", "dataset.num_classes=2")
-    args = (*own, *SHORT, "trainer.log_every_n_steps=2", f"hydra.run.dir={tmp_path}/single")
+    args = (*own, *SHORT_WITH_MODEL, "trainer.log_every_n_steps=2")
+    args += (f"hydra.run.dir={tmp_path}/single",)
     proc = start_gpool(tmp_path, tmp_path, *args, output=moment)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
