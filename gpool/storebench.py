@@ -71,36 +71,41 @@ def fill(client: MlflowClient, runs: int, artifacts: str | None = None) -> None:
             log_simulated_run(client, experiment_id, head, seed)
 
 
-@contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
-    """A local `mlflow server` serving artifacts, on a free port; yields its URL."""
-    with socket.socket() as probe:  # a port free now; the server binds it a moment later
+def free_port() -> int:
+    """A port free now on 127.0.0.1 (a server started next binds it)."""
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path, workers: int = 1) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 and a free port, serving artifacts; yields its
+    URL. Its log goes to a file (a pipe would fill and stall it), shown if it fails to start."""
+    port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow), "server", "--backend-store-uri", backend_uri, "--serve-artifacts"]
     command += ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1"]
-    server = subprocess.Popen(
-        [*command, "--port", str(port), "--workers", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command += ["--port", str(port), "--workers", str(workers)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit(
-                        f"mlflow server exited with status {server.returncode}"
-                    ) from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(30)
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        try:
+            for _ in range(240):
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None:
+                        log.seek(0)
+                        raise RuntimeError(f"mlflow server exited: {log.read()[-2000:]}") from None
+                    time.sleep(0.5)
+            else:
+                raise RuntimeError("mlflow server did not answer within 120 s")
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 def compare_seconds(tracking_uri: str, out: Path) -> float:
@@ -130,7 +135,7 @@ def compare_over_server(runs: int, rounds: int) -> float:
         root = Path(tmp)
         local = f"sqlite:///{root}/local.db"
         fill(MlflowClient(local), runs, str(root / "local-artifacts"))
-        with mlflow_server(f"sqlite:///{root}/served.db", root / "served-artifacts") as url:
+        with mlflow_server(f"sqlite:///{root}/served.db", root / "served-artifacts", 2) as url:
             fill(MlflowClient(url), runs)
             times: dict[str, list[float]] = {"sqlite": [], "server": []}
             for _ in range(rounds):

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -269,52 +265,3 @@ def session_ends(pgid: int, seconds: float) -> bool:
             return True
         time.sleep(0.1)
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 and a free port, serving artifacts; yields its URL."""
-    port = free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--backend-store-uri",
-            backend_uri,
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"mlflow server exited: {proc.stderr.read()}")
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not answer within 120 s")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHORT, mlflow_server, run_gpool
+from conftest import SHORT, run_gpool
 from hydra.utils import instantiate
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
@@ -18,6 +18,7 @@ from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_strin
 import gpool
 from gpool.config import compose_config
 from gpool.resume import is_alive
+from gpool.storebench import mlflow_server
 from gpool.tracking import ROLE_TAG
 
 pytestmark = pytest.mark.process

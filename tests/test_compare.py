@@ -23,7 +23,6 @@ from conftest import (
     compare,
     job_runs,
     make_idx_root,
-    mlflow_server,
     run_gpool,
     store,
 )
@@ -50,6 +49,7 @@ from gpool.compare import (
 )
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
+from gpool.storebench import mlflow_server
 from gpool.tracking import metric_histories
 from gpool.ui import LOCAL_UI, share_comparison
 

@@ -30,7 +30,6 @@ from conftest import (
     history,
     job_runs,
     make_idx_root,
-    mlflow_server,
     run_gpool,
     session_ends,
     start_gpool,
@@ -44,6 +43,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from gpool import GpoolError
 from gpool.resume import CHECKPOINT_TAG, claim
+from gpool.storebench import mlflow_server
 from gpool.tracking import redact
 
 pytestmark = pytest.mark.process

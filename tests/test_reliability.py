@@ -14,7 +14,6 @@ import torch
 from conftest import (
     LONG,
     SHORT,
-    free_port,
     history,
     job_runs,
     run_gpool,
@@ -24,6 +23,7 @@ from conftest import (
 )
 
 from gpool.resume import HASH_TAG
+from gpool.storebench import free_port
 from gpool.tracking import Tracker, experiment_id, open_store
 
 pytestmark = pytest.mark.process
