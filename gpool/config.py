@@ -11,6 +11,7 @@ import inspect
 import numbers
 from collections.abc import Mapping
 from dataclasses import MISSING, field, make_dataclass
+from functools import cache
 from math import inf
 from typing import Any, get_type_hints
 
@@ -21,7 +22,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpool import PROJECT_ROOT, GpoolError
-from gpool.engine import Trainer
 
 CONF_DIR = PROJECT_ROOT / "conf"
 #: MLflow's limit on a param's value; longer values are cut.
@@ -30,10 +30,15 @@ MAX_PARAM_LENGTH = 6000
 GROUPS = ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
 
 
+@cache
 def register_trainer_schema() -> None:
     """conf/trainer options extend this schema, generated from Trainer's signature, so that
     Hydra rejects a wrong type (`trainer.epochs=ten`) or an unknown key when composing,
-    before anything runs or is logged."""
+    before anything runs or is logged. Registered before the first composition (by
+    compose_config, and by gpool.train at import), not when this module is imported: the
+    engine imports torch, which gpool.compare, reading a store, does without."""
+    from gpool.engine import Trainer
+
     hints = get_type_hints(Trainer.__init__)
     fields: list[tuple[str, Any, Any]] = []
     for name, parameter in inspect.signature(Trainer.__init__).parameters.items():
@@ -45,9 +50,6 @@ def register_trainer_schema() -> None:
     ConfigStore.instance().store(
         group="trainer", name="schema", node=make_dataclass("TrainerSchema", fields)
     )
-
-
-register_trainer_schema()
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -63,6 +65,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
     """The config `python -m gpool.train overrides...` would run (with `hydra.*` if asked)."""
+    register_trainer_schema()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 

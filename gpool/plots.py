@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from itertools import cycle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,10 +13,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from torch import Tensor  # noqa: E402
 
 from gpool import stats  # noqa: E402
-from gpool.engine import EpochResult  # noqa: E402
+
+if TYPE_CHECKING:  # hints only: gpool.compare draws its figures without importing torch
+    from torch import Tensor
+
+    from gpool.engine import EpochResult
 
 #: The most classes a figure draws one by one: a 120-class dataset once took 4 minutes and
 #: 6.4 GB to draw 120 x 121 class-map panels. Past it, the first MAX_DRAWN classes.

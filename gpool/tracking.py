@@ -19,10 +19,9 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-import torch
 from mlflow.entities import (
     Dataset,
     DatasetInput,
@@ -42,12 +41,15 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 from PIL import Image
-from torch import Tensor, nn
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.config import GROUPS, flatten
-from gpool.engine import EpochResult
 from gpool.resume import HASH_TAG, one_per_config, process_tags
+
+if TYPE_CHECKING:  # hints only: gpool.compare reads a store without importing torch
+    from torch import Tensor, nn
+
+    from gpool.engine import EpochResult
 
 log = logging.getLogger(__name__)
 # MLflow's sqlite store logs each failed statement with its whole traceback before raising
@@ -440,6 +442,7 @@ class Tracker:
         MLflow's inference of them takes ~10 s."""
         # Imported here: mlflow.pytorch takes ~1.4 s to import, and only a run's end needs it.
         import mlflow.pytorch
+        import torch
         from mlflow.models import infer_signature
 
         if self.has_model():  # logged before this run was stopped and resumed

@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gpool import PROJECT_ROOT, GpoolError
+from gpool.checkpoint import load_checkpoint, member_parts, restore, save_checkpoint
 from gpool.config import build as build_object
-from gpool.config import check_values, override_key
+from gpool.config import check_values, override_key, register_trainer_schema
 from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
 from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
@@ -42,11 +43,7 @@ from gpool.resume import (
     checkpoint_path,
     claim,
     config_hash,
-    load_checkpoint,
-    member_parts,
-    restore,
     resume_point,
-    save_checkpoint,
     stop_with_launcher,
 )
 from gpool.stacking import StackedModel
@@ -390,6 +387,9 @@ def link_checkpoint(output_dir: Path, checkpoint: Path) -> None:
 def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
     client = open_store(cfg.mlflow.tracking_uri, create=True)
     return client, experiment_id(client, cfg.mlflow.experiment_name)
+
+
+register_trainer_schema()  # before hydra.main composes: conf/trainer extends it
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")

@@ -7,6 +7,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from conftest import (
     SHORT,
     SHORT_WITH_MODEL,
     compare,
+    gpool_env,
     job_runs,
     make_idx_root,
     run_gpool,
@@ -401,6 +404,30 @@ def test_histories_over_a_server_come_in_bulk_and_match_the_store(
             (m.step, m.value) for m in logged
         )
         assert len(served) == 2
+
+
+def test_compare_over_a_server_imports_no_torch_and_agrees_with_the_store(
+    sweep: Path, server: str, tmp_path: Path
+) -> None:
+    """Reading a store needs no torch (a fifth of a comparison's time went on importing it):
+    `python -X importtime` lists every module the command imported, and the comparison over
+    the server is the one the store itself gives."""
+    command = [sys.executable, "-X", "importtime", "-m", "gpool.compare", "--tracking-uri"]
+    served = subprocess.run(
+        [*command, server, "--experiment", "gpool", "--out", str(tmp_path / "served")],
+        env=gpool_env(sweep / "data"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-2000:]
+    lines = [line for line in served.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines}
+    assert {"gpool.stats", "gpool.tracking", "mlflow"} <= imported
+    assert not {module for module in imported if module.split(".")[0] == "torch"}
+    assert compare(sweep, tmp_path / "local", "--experiment", "gpool").returncode == 0
+    table = "comparison.csv"
+    assert (tmp_path / "served" / table).read_text() == (tmp_path / "local" / table).read_text()
 
 
 @contextmanager

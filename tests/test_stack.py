@@ -12,12 +12,12 @@ from conftest import options
 from hydra.utils import instantiate
 
 from gpool import bench
+from gpool.checkpoint import load_checkpoint, member_parts, restore, save_checkpoint
 from gpool.config import build, compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.model import build_model
 from gpool.profiling import KINDS, profile_step, training_step
-from gpool.resume import load_checkpoint, member_parts, restore, save_checkpoint
 from gpool.stacking import StackedModel
 from gpool.train import start
 
