@@ -191,15 +191,24 @@ def run_gpool(
     )
 
 
-def compare(sweep: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m gpool.compare` on the store run_gpool logged to in `sweep`, files to `out`."""
+def compare(
+    sweep: Path,
+    out: Path,
+    *args: str,
+    tracking_uri: str | None = None,
+    python_flags: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """`python -m gpool.compare` on the store run_gpool logged to in `sweep` (or on
+    `tracking_uri`, a server over it), files to `out`; `python_flags` go to the interpreter."""
+    uri = tracking_uri or f"sqlite:///{sweep}/mlflow.db"
     return subprocess.run(
         [
             sys.executable,
+            *python_flags,
             "-m",
             "gpool.compare",
             "--tracking-uri",
-            f"sqlite:///{sweep}/mlflow.db",
+            uri,
             "--out",
             str(out),
             *args,

@@ -7,8 +7,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +21,6 @@ from conftest import (
     SHORT,
     SHORT_WITH_MODEL,
     compare,
-    gpool_env,
     job_runs,
     make_idx_root,
     run_gpool,
@@ -412,13 +409,9 @@ def test_compare_over_a_server_imports_no_torch_and_agrees_with_the_store(
     """Reading a store needs no torch (a fifth of a comparison's time went on importing it):
     `python -X importtime` lists every module the command imported, and the comparison over
     the server is the one the store itself gives."""
-    command = [sys.executable, "-X", "importtime", "-m", "gpool.compare", "--tracking-uri"]
-    served = subprocess.run(
-        [*command, server, "--experiment", "gpool", "--out", str(tmp_path / "served")],
-        env=gpool_env(sweep / "data"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    flags = ("-X", "importtime")
+    served = compare(
+        sweep, tmp_path / "served", "--experiment", "gpool", tracking_uri=server, python_flags=flags
     )
     assert served.returncode == 0, served.stderr[-2000:]
     lines = [line for line in served.stderr.splitlines() if line.startswith("import time:")]
