@@ -3,17 +3,22 @@ a subprocess (run to the end, or started and stopped), and a real MLflow server.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import warm
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -26,6 +31,27 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+#: Free RAM the tests' folders may take in /dev/shm (stores, artifacts, checkpoints: about
+#: 1 GB at most in a whole run).
+RAM_FOLDER_NEEDS = 4 << 30
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests' folders in RAM where /dev/shm is a tmpfs with room: every run commits to
+    a new sqlite store (a schema migration of a few hundred statements, then a commit per
+    logged batch), and on this machine kind each commit waits 10-30 ms for the disk's
+    fsync: seconds a test, none of them what the test is about. `--basetemp DIR` chooses
+    a folder (and keeps it); this one is removed when pytest ends."""
+    shm = Path("/dev/shm")
+    if config.option.basetemp or hasattr(config, "workerinput") or not os.access(shm, os.W_OK):
+        return
+    if shutil.disk_usage(shm).free < RAM_FOLDER_NEEDS:
+        return
+    folder = tempfile.mkdtemp(prefix="gpool-tests-", dir=shm)
+    config.option.basetemp = folder
+    config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 def options(group: str) -> list[str]:
@@ -166,15 +192,47 @@ def history(tmp: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in store(tmp).get_metric_history(run_id, key))
 
 
+def run_python(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """subprocess.run(args, capture_output=True, text=True): forked from this worker's warm
+    interpreter when args are `python -m ...` or `python -c ...` (tests/warm.py), else a
+    fresh process (interpreter flags such as -X importtime)."""
+    if warm.can_fork(args):
+        return warm.run(args, cwd, env, timeout)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@functools.cache
+def migrated_store() -> Path:
+    """An empty sqlite store with MLflow's schema, made once per test worker."""
+    folder = Path(tempfile.mkdtemp(prefix="gpool-migrated-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
+def existing_store(tmp: Path) -> None:
+    """tmp's store as a user's second command finds it: made already (a copy of an empty
+    migrated one) unless it exists. A new sqlite store costs its first command 1-2 s of
+    CPU for MLflow's schema migration; the tests about new stores pass fresh_store=True."""
+    if not (tmp / "mlflow.db").exists():
+        shutil.copyfile(migrated_store(), tmp / "mlflow.db")
+
+
 def run_gpool(
     tmp_path: Path,
     data_root: Path,
     *overrides: str,
     multirun: bool = False,
     entry: tuple[str, ...] = ("-m", "gpool.train"),
+    fresh_store: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """`python -m gpool.train` as a user runs it, with its store and outputs under tmp_path
-    (`entry`: what follows `python` instead)."""
+    (`entry`: what follows `python` instead; `fresh_store`: no store there yet unless
+    an earlier command made one, else existing_store)."""
+    if not fresh_store:
+        existing_store(tmp_path)
     args = [sys.executable, *entry]
     if multirun:
         args.append("-m")
@@ -186,9 +244,7 @@ def run_gpool(
         "trainer.log_every_n_steps=2",
         *on_generated_data(overrides),
     ]
-    return subprocess.run(
-        args, cwd=tmp_path, env=gpool_env(data_root), capture_output=True, text=True, timeout=600
-    )
+    return run_python(args, tmp_path, gpool_env(data_root), timeout=600)
 
 
 def compare(
@@ -201,23 +257,8 @@ def compare(
     """`python -m gpool.compare` on the store run_gpool logged to in `sweep` (or on
     `tracking_uri`, a server over it), files to `out`; `python_flags` go to the interpreter."""
     uri = tracking_uri or f"sqlite:///{sweep}/mlflow.db"
-    return subprocess.run(
-        [
-            sys.executable,
-            *python_flags,
-            "-m",
-            "gpool.compare",
-            "--tracking-uri",
-            uri,
-            "--out",
-            str(out),
-            *args,
-        ],
-        env=gpool_env(sweep / "data"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [sys.executable, *python_flags, "-m", "gpool.compare", "--tracking-uri", uri]
+    return run_python([*command, "--out", str(out), *args], Path.cwd(), gpool_env(sweep / "data"))
 
 
 START_DEADLINE_S = 300
@@ -230,11 +271,12 @@ def start_gpool(
     until: list[Path] | None = None,
     output: str | None = None,
     multirun: bool = False,
-) -> subprocess.Popen[str]:
-    """Start `python -m gpool.train` in a session of its own, logging to tmp's store; return
-    once every file in `until` exists, or once a line of its log contains `output`, while
-    it goes on."""
-    proc = subprocess.Popen(
+) -> warm.Forked:
+    """Start `python -m gpool.train` in a session of its own, logging to tmp's store (an
+    existing_store); return once every file in `until` exists, or once a line of its log
+    contains `output`, while it goes on."""
+    existing_store(tmp)
+    proc = warm.Forked(
         [sys.executable, "-m", "gpool.train", *(["-m"] if multirun else [])]
         + [
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
@@ -243,8 +285,6 @@ def start_gpool(
         ],
         cwd=tmp,
         env=gpool_env(data),
-        text=True,
-        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if output else subprocess.PIPE,
         start_new_session=True,
     )

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import GENERATED, gpool_env
+from conftest import GENERATED, gpool_env, run_python
 
 pytestmark = pytest.mark.process
 
 
 def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
+    proc = run_python(
         [
             sys.executable,
             "-m",
@@ -31,11 +31,10 @@ def test_bench_runs_both_loops_and_ends_with_the_ratio(idx_root: Path, tmp_path:
             "--fused",
             "3",
             GENERATED,
+            "mlflow.log_model=false",  # end to end: the run's own path, not torch.export
         ],
-        cwd=tmp_path,
-        env=gpool_env(idx_root),
-        capture_output=True,
-        text=True,
+        tmp_path,
+        gpool_env(idx_root),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -61,11 +60,10 @@ def test_bench_times_compare_over_a_server_against_sqlite(tmp_path: Path) -> Non
     """`--compare RUNS`: simulated runs logged to a sqlite store and through a real `mlflow
     server` (artifacts served), gpool.compare of each timed; the bench itself fails unless
     both comparisons read every run's predictions back (intervals over seeds and images)."""
-    proc = subprocess.run(
+    proc = run_python(
         [sys.executable, "-m", "gpool.bench", "--compare", "14", "--rounds", "1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+        tmp_path,
+        dict(os.environ),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr

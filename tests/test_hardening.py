@@ -15,11 +15,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import warm
 from conftest import (
     GENERATED,
     LONG,
@@ -31,6 +33,7 @@ from conftest import (
     job_runs,
     make_idx_root,
     run_gpool,
+    run_python,
     session_ends,
     start_gpool,
     store,
@@ -53,20 +56,9 @@ IS_ROOT = os.geteuid() == 0
 
 def compare(tmp: Path, *args: str, uri: str | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m gpool.compare` on tmp's store (or `uri`), as a user runs it."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpool.compare",
-            "--tracking-uri",
-            uri or f"sqlite:///{tmp}/mlflow.db",
-        ]
-        + ["--out", str(tmp / "compare"), *args],
-        env=gpool_env(tmp),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    uri = uri or f"sqlite:///{tmp}/mlflow.db"
+    command = [sys.executable, "-m", "gpool.compare", "--tracking-uri", uri]
+    return run_python([*command, "--out", str(tmp / "compare"), *args], Path.cwd(), gpool_env(tmp))
 
 
 def one_clear_line(proc: subprocess.CompletedProcess[str], message: str) -> None:
@@ -446,13 +438,11 @@ def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: 
     args = [sys.executable, "-m", "gpool.train", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
     args += [GENERATED, *SHORT, f"checkpoint_dir={tmp_path}/checkpoints"]
     procs = [
-        subprocess.Popen(
+        warm.Forked(
             [*args, f"hydra.run.dir={tmp_path}/run{i}"],
             cwd=tmp_path,
             env=gpool_env(idx_root),
-            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
         )
         for i in range(2)
     ]
@@ -495,7 +485,8 @@ def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: 
 def test_a_mistake_is_one_line_and_leaves_no_run(
     tmp_path: Path, idx_root: Path, overrides: tuple[str, ...], message: str
 ) -> None:
-    one_clear_line(run_gpool(tmp_path, idx_root, *SHORT, *overrides), message)
+    proc = run_gpool(tmp_path, idx_root, *SHORT, *overrides, fresh_store=True)
+    one_clear_line(proc, message)
     # Values the config check refuses create no store at all; others leave it without runs.
     assert not (tmp_path / "mlflow.db").exists() or job_runs(tmp_path) == []
 
@@ -640,9 +631,16 @@ def test_a_server_that_does_not_answer_mlflows_api_is_one_line_in_seconds(
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         start = time.monotonic()
-        one_clear_line(compare(tmp_path, uri=uri), "does not answer MLflow's API")
-        proc = run_gpool(tmp_path, idx_root, *SHORT, f"mlflow.tracking_uri={uri}")
-        one_clear_line(proc, "does not answer MLflow's API")
+        with ThreadPoolExecutor(2) as both:  # each waits out its own timeout: at once
+            ended = both.map(
+                lambda command: command(),
+                [
+                    lambda: compare(tmp_path, uri=uri),
+                    lambda: run_gpool(tmp_path, idx_root, *SHORT, f"mlflow.tracking_uri={uri}"),
+                ],
+            )
+            for proc in ended:
+                one_clear_line(proc, "does not answer MLflow's API")
         assert time.monotonic() - start < 90  # was: still waiting after minutes
     finally:
         server.shutdown()

@@ -128,7 +128,7 @@ def test_runs_log_system_metrics_unless_switched_off(
 
 
 def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: Path) -> None:
-    proc = run_gpool(tmp_path, idx_root, *SHORT)
+    proc = run_gpool(tmp_path, idx_root, *SHORT, fresh_store=True)  # the first command
     assert proc.returncode == 0, proc.stderr
     assert "validation_accuracy" in proc.stdout  # the article-style summary line per epoch
     (run,) = all_runs(tmp_path)
