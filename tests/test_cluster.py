@@ -24,7 +24,9 @@ from gpool.tracking import ROLE_TAG
 pytestmark = pytest.mark.process
 
 
-def test_submitit_sweep_logs_through_a_tracking_server(tmp_path: Path, idx_root: Path) -> None:
+def test_submitit_jobs_in_their_own_processes_log_through_a_tracking_server(
+    tmp_path: Path, idx_root: Path
+) -> None:
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "served") as url:
         proc = run_gpool(
             tmp_path,
@@ -43,6 +45,9 @@ def test_submitit_sweep_logs_through_a_tracking_server(tmp_path: Path, idx_root:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(r.info.run_name for r in children) == ["pool=avg seed=0", "pool=max seed=0"]
         assert {r.info.status for r in runs} == {"FINISHED"}
+        # each job in a process of its own, neither the launcher's nor this one's
+        pids = {r.data.tags["gpool.pid"] for r in children} | {str(os.getpid())}
+        assert len(pids) == 3 and parent.data.tags["gpool.pid"] not in pids
         for run in children:  # artifacts went through the server, and come back from it
             local = download_artifacts(
                 run_id=run.info.run_id,
