@@ -54,13 +54,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that start processes first, in their files' order, and the in-process
-    ones last: pytest-xdist hands out tests in this order, and short tests at the end fill
-    the workers' gaps where a long one would leave a core idle."""
-    items.sort(key=lambda item: item.get_closest_marker("process") is None)
-
-
 def options(group: str) -> list[str]:
     """The options of a config group: its YAML files in conf/."""
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
