@@ -175,7 +175,9 @@ class Server:
             [sys.executable, __file__, self.path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
+            # One torch thread, as every test process has (conftest.ONE_THREAD): forked
+            # commands keep the server's count, whichever test's environment came first.
+            env={**env, "OMP_NUM_THREADS": "1"},
             text=True,
         )
         line = self.proc.stdout.readline()
