@@ -33,12 +33,14 @@ from conftest import (
     job_runs,
     make_idx_root,
     run_gpool,
-    run_python,
     session_ends,
     start_gpool,
     store,
     sweep_runs,
     write_image_folder,
+)
+from conftest import (
+    compare as compare_store,
 )
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
@@ -56,9 +58,7 @@ IS_ROOT = os.geteuid() == 0
 
 def compare(tmp: Path, *args: str, uri: str | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m gpool.compare` on tmp's store (or `uri`), as a user runs it."""
-    uri = uri or f"sqlite:///{tmp}/mlflow.db"
-    command = [sys.executable, "-m", "gpool.compare", "--tracking-uri", uri]
-    return run_python([*command, "--out", str(tmp / "compare"), *args], Path.cwd(), gpool_env(tmp))
+    return compare_store(tmp, tmp / "compare", *args, tracking_uri=uri)
 
 
 def one_clear_line(proc: subprocess.CompletedProcess[str], message: str) -> None:
@@ -632,15 +632,11 @@ def test_a_server_that_does_not_answer_mlflows_api_is_one_line_in_seconds(
     try:
         start = time.monotonic()
         with ThreadPoolExecutor(2) as both:  # each waits out its own timeout: at once
-            ended = both.map(
-                lambda command: command(),
-                [
-                    lambda: compare(tmp_path, uri=uri),
-                    lambda: run_gpool(tmp_path, idx_root, *SHORT, f"mlflow.tracking_uri={uri}"),
-                ],
-            )
-            for proc in ended:
-                one_clear_line(proc, "does not answer MLflow's API")
+            compared = both.submit(compare, tmp_path, uri=uri)
+            at_server = f"mlflow.tracking_uri={uri}"
+            trained = both.submit(run_gpool, tmp_path, idx_root, *SHORT, at_server)
+            for command in (compared, trained):
+                one_clear_line(command.result(), "does not answer MLflow's API")
         assert time.monotonic() - start < 90  # was: still waiting after minutes
     finally:
         server.shutdown()
