@@ -48,6 +48,10 @@ def plot_curves(history: Sequence[EpochResult], path: Path, title: str) -> Path:
     return path
 
 
+#: Class maps' colours; white where a map is not a number.
+MAP_COLOURS = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+
+
 class MapGrid(NamedTuple):
     """The class-map figure's pixels: `rgb` [height, width, 3] in [0, 1], white between
     tiles; `tops`, the row where each image row starts; `centres`, each map's centre column."""
@@ -83,10 +87,6 @@ def map_grid(images: np.ndarray, maps: np.ndarray, band: int) -> MapGrid:
         for c in range(k):
             rgb[top : top + h, lefts[c + 1] : lefts[c + 1] + w] = coloured[r, c]
     return MapGrid(rgb, tops, [left + (w - 1) / 2 for left in lefts[1:]])
-
-
-#: Class maps' colours; white where a map is not a number.
-MAP_COLOURS = matplotlib.colormaps["viridis"].with_extremes(bad="white")
 
 
 def plot_class_maps(

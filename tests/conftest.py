@@ -120,12 +120,11 @@ def big_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: processes of two threads each on two cores measured 2.2x slower each than one thread each
 #: (OpenMP's threads spin while they wait). Launchers that share the cores among parallel
 #: jobs still set their own count (gpool.threads_per_job).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 torch.set_num_threads(1)
 
 
 def gpool_env(data_root: Path) -> dict[str, str]:
-    env = dict(os.environ, GPOOL_DATA=str(data_root), PYTHONUNBUFFERED="1", **ONE_THREAD)
+    env = dict(os.environ, GPOOL_DATA=str(data_root), PYTHONUNBUFFERED="1", **warm.ONE_THREAD)
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 

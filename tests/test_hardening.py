@@ -39,9 +39,7 @@ from conftest import (
     sweep_runs,
     write_image_folder,
 )
-from conftest import (
-    compare as compare_store,
-)
+from conftest import compare as compare_store
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE

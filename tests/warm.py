@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+#: Every test process's torch threads: one, so that two xdist workers share two cores.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 #: What every command imports before it starts: imported once, in the warm interpreter.
 PRELOAD = ("gpool.train", "gpool.compare", "gpool.bench")
 
@@ -175,9 +177,9 @@ class Server:
             [sys.executable, __file__, self.path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            # One torch thread, as every test process has (conftest.ONE_THREAD): forked
-            # commands keep the server's count, whichever test's environment came first.
-            env={**env, "OMP_NUM_THREADS": "1"},
+            # One torch thread, as every test process has: forked commands keep the
+            # server's count, whichever test's environment came first.
+            env={**env, **ONE_THREAD},
             text=True,
         )
         line = self.proc.stdout.readline()
