@@ -392,10 +392,13 @@ def pairwise_rows(
     """Every pair of groups: the difference with its 1 - `alpha` interval (over seeds and
     test images when the runs logged their predictions), the test of a difference and
     TOST's of equivalence within ±`margin` points, both Holm-adjusted over the pairs, the
-    answer (see stats.decide), P(A > B) with its interval, the detectable difference and
-    the seeds per group that would most likely decide an undecided pair, all at `alpha`;
-    given `detect` points, also the seeds a group would need to detect that."""
+    answer (see stats.decide), P(A > B) with its interval and the detectable difference,
+    at `alpha`; the seeds per group that would most likely decide an undecided pair at
+    `alpha` split over the pairs (Bonferroni: Holm's strictest step, so the count still
+    holds in a table of many pairs); given `detect` points, also the seeds a group would
+    need to detect that."""
     rows, draws = [], image_draws(groups)
+    plan_alpha = alpha / max(1, math.comb(len(groups), 2))
     for a, b in itertools.combinations(groups, 2):
         pair = Pair.of(a, b, draws)
         d = pair.points()
@@ -418,7 +421,7 @@ def pairwise_rows(
             "p_improvement_high": improvement_high,
             "detectable_points": pair.detectable(alpha),
             "seeds_to_decide": stats.seeds_to_decide(
-                pair.spread(), d.diff, margin, pair.paired, alpha, POWER, pair.image_var
+                pair.spread(), d.diff, margin, pair.paired, plan_alpha, POWER, pair.image_var
             ),
         }
         if detect is not None:

@@ -31,6 +31,7 @@ from mlflow.utils.rest_utils import http_request
 from scipy import stats
 from statsmodels.stats.power import TTestPower
 
+from gpool import stats as gstats
 from gpool import tracking
 from gpool.compare import (
     Comparison,
@@ -139,6 +140,21 @@ def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_see
     report = markdown(summary_rows([a, b]), rows, "line", "val")
     assert "seeds alone, not the test images" in report
     assert "a seed 2: no predictions/val.npy" in report
+
+
+def test_the_seeds_to_decide_allow_for_every_pair_in_the_table() -> None:
+    """The verdict is Holm-adjusted over the table's pairs, so its seed count plans for
+    them: the same undecided pair needs more seeds beside a third group than alone, as
+    many as at alpha split over the three pairs."""
+    seeds = list(range(5))
+    a = group("a", [0.800, 0.812, 0.795, 0.806, 0.801], seeds)
+    b = group("b", [0.797, 0.802, 0.793, 0.809, 0.792], seeds)
+    c = group("c", [0.700, 0.710, 0.690, 0.705, 0.702], seeds)
+    alone, beside = pairwise_rows([a, b])[0], pairwise_rows([a, b, c])[0]
+    assert alone["answer"] == beside["answer"] == gstats.UNDECIDED
+    pair = Pair.of(a, b)
+    plan = gstats.seeds_to_decide(pair.spread(), pair.points().diff, 0.5, True, 0.05 / 3, 0.8)
+    assert beside["seeds_to_decide"] == plan > alone["seeds_to_decide"] >= 2
 
 
 def test_the_forest_ranks_groups_and_colours_each_by_its_answer_against_the_leader(
