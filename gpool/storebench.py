@@ -36,6 +36,8 @@ HEADS = 7
 EPOCHS = 4
 IMAGES = 10_000
 EXPERIMENT = "simulated-heads"
+#: What the servers gpool starts are for: tracking and artifacts, not MLflow's job runner.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def log_simulated_run(client: MlflowClient, experiment_id: str, head: int, seed: int) -> None:
@@ -81,7 +83,10 @@ def free_port() -> int:
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, workers: int = 1) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 and a free port, serving artifacts; yields its
-    URL. Its log goes to a file (a pipe would fill and stall it), shown if it fails to start."""
+    URL. Its log goes to a file (a pipe would fill and stall it), shown if it fails to start.
+    Without MLflow's job execution (SERVER_ENV): its pool of about ten Python processes
+    serves MLflow's GenAI jobs, which gpool never submits, and costs some 20 s of CPU at
+    every start, more than the tracking server itself."""
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     command = [str(mlflow), "server", "--backend-store-uri", backend_uri, "--serve-artifacts"]
@@ -89,7 +94,13 @@ def mlflow_server(backend_uri: str, artifacts: Path, workers: int = 1) -> Iterat
     command += ["--port", str(port), "--workers", str(workers)]
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        server = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+            env={**os.environ, **SERVER_ENV},
+        )
         try:
             for _ in range(240):
                 try:
