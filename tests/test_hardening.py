@@ -33,6 +33,7 @@ from conftest import (
     job_runs,
     make_idx_root,
     run_gpool,
+    run_python,
     session_ends,
     start_gpool,
     store,
@@ -524,18 +525,24 @@ def test_stores_that_cannot_work_fail_fast_with_one_line(tmp_path: Path, idx_roo
 
 
 @pytest.mark.parametrize(
-    ("module", "mentions"),
-    [("gpool.train", "pool: "), ("gpool.compare", "80% power"), ("gpool.bench", "--steps")],
+    ("module", "mentions", "fresh"),
+    [
+        ("gpool.train", "pool: ", False),
+        ("gpool.compare", "80% power", False),
+        ("gpool.bench", "--steps", True),
+    ],
 )
-def test_every_command_answers_help(tmp_path: Path, module: str, mentions: str) -> None:
-    """`--help` is the first thing a user types; a stray % in a help string once crashed it."""
-    proc = subprocess.run(
-        [sys.executable, "-m", module, "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_every_command_answers_help(
+    tmp_path: Path, module: str, mentions: str, fresh: bool
+) -> None:
+    """`--help` is the first thing a user types; a stray % in a help string once crashed it.
+    gpool.bench's in a fresh interpreter (its imports include gpool.train's), the others
+    forked from the warm one (tests/warm.py)."""
+    args = [sys.executable, "-m", module, "--help"]
+    if fresh:
+        proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    else:
+        proc = run_python(args, tmp_path, dict(os.environ), timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert mentions in proc.stdout
 
