@@ -9,6 +9,7 @@ config, starts without importing torch.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -116,19 +117,38 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def stop_with_launcher(grace_seconds: float = 20.0) -> None:
-    """In a job process started by a sweep's launching process: when that process dies
-    (SIGKILL leaves no chance to stop its workers), SIGTERM this one, so its run ends
-    KILLED at the next step, and exit for good after `grace_seconds`."""
+#: Set while a job process started by a launcher runs none of its jobs.
+BETWEEN_JOBS = threading.Event()
+
+
+@contextmanager
+def stop_with_launcher(grace_seconds: float = 20.0) -> Iterator[None]:
+    """Around a job in a process started by a sweep's launching process: when that process
+    dies (SIGKILL leaves no chance to stop its workers), SIGTERM this one, so its run ends
+    KILLED at the next step, and exit as soon as the job is over (or after
+    `grace_seconds`): nobody is left to hand the process another job."""
     launcher = os.environ.get(LAUNCHER_PID_ENV)
     if launcher is None or launcher != str(os.getppid()):
-        return  # not started by the launcher itself (in-process job, a SLURM node...)
+        yield  # not started by the launcher itself (in-process job, a SLURM node...)
+        return
+    watch_launcher(int(launcher), grace_seconds)
+    BETWEEN_JOBS.clear()
+    try:
+        yield
+    finally:
+        BETWEEN_JOBS.set()
+
+
+@functools.cache
+def watch_launcher(launcher: int, grace_seconds: float) -> None:
+    """One watcher a process, whatever the number of jobs it runs (see stop_with_launcher);
+    between jobs the SIGTERM's default action ends the process at once."""
 
     def watch() -> None:
-        while os.getppid() == int(launcher):
+        while os.getppid() == launcher:
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace_seconds)
+        BETWEEN_JOBS.wait(grace_seconds)
         os._exit(1)
 
     threading.Thread(target=watch, name="gpool-launcher-watch", daemon=True).start()

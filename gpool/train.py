@@ -401,9 +401,9 @@ def main(cfg: DictConfig) -> float:
     log.info(
         "%s on %s: %s", job.run_name, trainer.device, redact(" ".join(job.hydra.overrides.task))
     )
-    stop_with_launcher()
     try:
-        (result,) = train_group([job], trainer)
+        with stop_with_launcher():
+            (result,) = train_group([job], trainer)
     except MlflowException as err:
         raise store_failed(err) from None
     if isinstance(result, GpoolError):
