@@ -289,6 +289,26 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def save_network(model: nn.Module, example: Tensor, path: Path) -> None:
+    """`model` as an MLflow model at `path`: a CPU copy in the pt2 (torch.export) format,
+    which loads without unpickling code, with its signature and `example` as input example.
+    Its pip requirements are given: MLflow's inference of them takes ~10 s."""
+    # Imported here: mlflow.pytorch takes ~1.4 s to import, and only a run's end needs it.
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    # Contiguous: torch.export's archive mis-groups channels_last weights (and warns).
+    network = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    x = example.detach().cpu()
+    with torch.no_grad():
+        signature = infer_signature(x.numpy(), network(x).numpy())
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    mlflow.pytorch.save_model(
+        network, path, pip_requirements=requirements, signature=signature, input_example=x.numpy()
+    )
+
+
 class Tracker:
     """Context manager around one MLflow run: FINISHED on success, FAILED on an exception,
     KILLED on Ctrl-C; the exception always propagates. Params, tags and the run name go
@@ -436,28 +456,13 @@ class Tracker:
 
     def log_model(self, model: nn.Module, example: Tensor, step: int) -> None:
         """The trained network as an MLflow logged model named `model` (the runs table's
-        Model column; `mlflow.pytorch.load_model("runs:/<run id>/model")` gives it back):
-        a CPU copy in the pt2 (torch.export) format, which loads without unpickling code,
-        with its signature and `example` as input example. Its pip requirements are given:
-        MLflow's inference of them takes ~10 s."""
-        # Imported here: mlflow.pytorch takes ~1.4 s to import, and only a run's end needs it.
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-
+        Model column; `mlflow.pytorch.load_model("runs:/<run id>/model")` gives it back),
+        saved by save_network."""
         if self.has_model():  # logged before this run was stopped and resumed
             return
-        # Contiguous: torch.export's archive mis-groups channels_last weights (and warns).
-        network = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-        x = example.detach().cpu()
-        with torch.no_grad():
-            signature = infer_signature(x.numpy(), network(x).numpy())
-        requirements = [f"torch=={torch.__version__.split('+')[0]}"]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model"
-            save = mlflow.pytorch.save_model
-            kwargs = dict(signature=signature, input_example=x.numpy())
-            self._call(save, network, path, pip_requirements=requirements, **kwargs)
+            self._call(save_network, model, example, path)
             logged = self._call(
                 self.client.create_logged_model, self.experiment_id, "model", self.run_id
             )

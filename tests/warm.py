@@ -334,17 +334,15 @@ def preload() -> None:
 
 
 def save_a_model(path: Path) -> None:
-    """Save the default network as a run's end logs it (mlflow.pytorch, torch.export): the
-    first save in a process sets up 0.8 s of CPU of lazy state that later ones reuse."""
-    import mlflow.pytorch
+    """Save the default network as a run's end logs it (tracking.save_network): the first
+    save in a process sets up 0.8 s of CPU of lazy state that later ones reuse."""
     import torch
 
     from gpool.config import compose_config
     from gpool.model import build_model
+    from gpool.tracking import save_network
 
-    network = build_model(compose_config()).eval()
-    example = torch.zeros(2, 1, 28, 28)
-    mlflow.pytorch.save_model(network, path, pip_requirements=[], input_example=example.numpy())
+    save_network(build_model(compose_config()), torch.zeros(2, 1, 28, 28), path)
 
 
 if __name__ == "__main__":
