@@ -192,12 +192,12 @@ def history(tmp: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def run_python(
-    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300, fresh: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """subprocess.run(args, capture_output=True, text=True): forked from this worker's warm
-    interpreter when args are `python -m ...` or `python -c ...` (tests/warm.py), else a
-    fresh process (interpreter flags such as -X importtime)."""
-    if warm.can_fork(args):
+    interpreter when args are `python -m ...` or `python -c ...` (tests/warm.py), else (or
+    given `fresh`) a fresh process (interpreter flags such as -X importtime)."""
+    if not fresh and warm.can_fork(args):
         return warm.run(args, cwd, env, timeout)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -540,10 +540,7 @@ def test_every_command_answers_help(
     gpool.bench's in a fresh interpreter (its imports include gpool.train's), the others
     forked from the warm one (tests/warm.py)."""
     args = [sys.executable, "-m", module, "--help"]
-    if fresh:
-        proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    else:
-        proc = run_python(args, tmp_path, dict(os.environ), timeout=120)
+    proc = run_python(args, tmp_path, dict(os.environ), timeout=120, fresh=fresh)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert mentions in proc.stdout
 
