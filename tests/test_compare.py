@@ -312,6 +312,60 @@ def test_runs_without_usable_predictions_are_compared_on_seeds_alone(sweep: Path
         other.write_bytes(logged)
 
 
+def forged(path: Path, forgery: str, accuracy: float) -> None:
+    """Replace a run's predictions file with what someone who can write to the run might
+    put there (see test_a_forged_predictions_file_costs_its_run_the_images_only)."""
+    if forgery == "zip archive":  # np.load would hand back an NpzFile
+        with path.open("wb") as f:
+            np.savez(f, a=np.zeros((2, 3), dtype=np.int16))
+    elif forgery == "huge header":  # a header claiming 2 x 10**12 images, four bytes of data
+        header = {"descr": "<i2", "fortran_order": False, "shape": (2, 10**12)}
+        with path.open("wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(b"\0" * 4)
+    else:  # 400,000 or one image(s) that reproduce the run's logged accuracy
+        images = 400_000 if forgery == "many images" else 1
+        right = round(accuracy * images)
+        classes = np.zeros((2, images), dtype=np.int8)
+        classes[0, right:] = 1
+        np.save(path, classes)
+
+
+@pytest.mark.parametrize("forgery", ["many images", "one image", "zip archive", "huge header"])
+def test_a_forged_predictions_file_costs_its_run_the_images_only(
+    sweep: Path, tmp_path: Path, forgery: str
+) -> None:
+    """A predictions file must hold the images the run scored (its logged validation
+    dataset's, cut at trainer.limit_val_batches: 100 here), checked from the header before
+    any data is read: a forged one, however well it reproduces the run's accuracy, only
+    puts the run's pair on seeds alone, with the run and the reason in one line, and no
+    comparison of the sweep breaks or grows."""
+    client = store(sweep)
+    runs = sorted(
+        (r for r in client.search_runs(["1"]) if "gpool.role" not in r.data.tags),
+        key=lambda r: r.info.run_name,
+    )
+    path = Path(urlparse(runs[0].info.artifact_uri).path) / "predictions" / "val.npy"
+    logged = path.read_bytes()
+    forged(path, forgery, runs[0].data.metrics["val_acc"])
+    try:
+        proc = compare(sweep, tmp_path / "out")
+    finally:
+        path.write_bytes(logged)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| pool=avg | pool"))
+    assert "| seeds alone | paired t |" in row
+    (why,) = [line for line in proc.stdout.splitlines() if "seeds alone, not the test" in line]
+    assert f"{runs[0].info.run_name}: predictions/val.npy" in why
+    expected = {
+        "many images": "holds 400000 images, the run scored 100",
+        "one image": "holds 1 images, the run scored 100",
+        "zip archive": "not a .npy file of one array",
+        "huge header": "holds 1000000000000 images, the run scored 100",
+    }
+    assert expected[forgery] in why
+
+
 def test_tune_picks_each_heads_lr_on_validation_and_judges_it_on_test(
     sweep: Path, tmp_path: Path, idx_root: Path
 ) -> None:

@@ -52,7 +52,8 @@ def test_groups_have_the_promised_options() -> None:
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
     assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
-    assert options("experiment") == ["article", "article_decide", "decide", "quick", "search", "tuned"]
+    presets = ["article", "article_decide", "decide", "quick", "search", "tuned"]
+    assert options("experiment") == presets
     assert options("model") == ["convnet", "resnet18"]
 
 

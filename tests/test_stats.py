@@ -190,8 +190,7 @@ def test_the_two_way_bootstrap_is_owens_pigeonhole_bootstrap() -> None:
     interaction = stats.residual_mean_square(d) * (seeds - 1) * (images - 1) / d.size
     pigeonhole = d.mean(1).var() / seeds + d.mean(0).var() / images + interaction / d.size
     rng = np.random.default_rng(0)
-    weights = stats.image_weights(images, rng)
-    drawn = stats.image_resampled(a, weights), stats.image_resampled(b, weights)
+    drawn = stats.image_resampled([a, b], rng)
     runs_a, runs_b = stats.seed_resampled(*drawn, True, rng)
     bootstrap = (runs_a.mean(1) - runs_b.mean(1)).var()
     assert bootstrap == pytest.approx(pigeonhole, rel=0.1)
@@ -209,8 +208,7 @@ def test_the_probability_of_improvement_and_its_interval() -> None:
     assert stats.improvement(scores_a, scores_b) == pytest.approx(u / 64)
     assert stats.improvement([1, 2], [2, 2]) == pytest.approx(0.25)
     seeds_only = stats.improvement_interval(scores_a, scores_b, True, 0.95)
-    weights = stats.image_weights(IMAGES, rng)
-    drawn = stats.image_resampled(a, weights), stats.image_resampled(b, weights)
+    drawn = stats.image_resampled([a, b], rng)
     assert drawn[0].mean(0) == pytest.approx(scores_a, abs=0.002)  # draws centre on the scores
     with_images = stats.improvement_interval(*drawn, True, 0.95)
     assert seeds_only[0] <= stats.improvement(scores_a, scores_b) <= seeds_only[1]
@@ -224,3 +222,16 @@ def test_the_images_noise_alone_can_keep_a_pair_undecided_at_any_seed_count() ->
     assert stats.seeds_needed(1.0, 0.3, True, ALPHA, 0.8, image_var=0.05) == math.inf
     assert stats.seeds_needed(1.0, 0.3, True, ALPHA, 0.8) == 90
     assert stats.seeds_needed(1.0, 0.3, True, ALPHA, 0.8, image_var=0.001) > 90
+
+
+def test_the_images_bootstrap_in_blocks_draws_what_one_product_would(monkeypatch) -> None:
+    """Memory stays bounded (BLOCK_FLOATS) whatever the number of images, and the draws are
+    the same as in one block: integer counts times 0/1 scores sum exactly in float32."""
+    rng = np.random.default_rng(3)
+    a, b = crossed(rng, 0.01, 5, True)
+    whole = stats.image_resampled([a, b], np.random.default_rng(0))
+    monkeypatch.setattr(stats, "BLOCK_FLOATS", 3 * a.shape[1] + 1)  # 3 rows a block
+    blocks = stats.image_resampled([a, b], np.random.default_rng(0))
+    for one, blocked in zip(whole, blocks, strict=True):
+        assert blocked.shape == (stats.RESAMPLES, len(a))
+        np.testing.assert_array_equal(one, blocked)
