@@ -7,9 +7,11 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -26,6 +28,7 @@ from conftest import (
     run_gpool,
     store,
 )
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.rest_utils import http_request
 from scipy import stats
@@ -55,7 +58,6 @@ from gpool.tracking import metric_histories
 from gpool.ui import LOCAL_UI, share_comparison
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
     from playwright.sync_api import Page
 
 #: Every test here reads the one tiny sweep: they share it on one worker.
@@ -279,40 +281,52 @@ def test_compare_by_filter_parent_and_experiment(sweep: Path, tmp_path: Path) ->
     assert proc.returncode == 1 and "no MLflow experiment 'nope'" in proc.stderr
 
 
+def runs_by_name(sweep: Path) -> list[Run]:
+    """The sweep's job runs, by name."""
+    runs = store(sweep).search_runs(["1"])
+    return sorted(
+        (r for r in runs if "gpool.role" not in r.data.tags), key=lambda r: r.info.run_name
+    )
+
+
+@contextmanager
+def predictions_replaced(run: Run, replace: Callable[[Path], object]) -> Iterator[None]:
+    """Inside the block, the run's predictions/val.npy as `replace(path)` wrote it."""
+    path = Path(urlparse(run.info.artifact_uri).path) / "predictions" / "val.npy"
+    logged = path.read_bytes()
+    replace(path)
+    try:
+        yield
+    finally:
+        path.write_bytes(logged)
+
+
+def assert_on_seeds_alone(proc: subprocess.CompletedProcess[str]) -> None:
+    """The comparison ran, its pair of heads on seeds alone."""
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| pool=avg | pool"))
+    assert "| seeds alone | paired t |" in row
+
+
 def test_runs_without_usable_predictions_are_compared_on_seeds_alone(sweep: Path, tmp_path):
     """A run whose predictions file holds predicted classes only (as runs logged before
     2026-12-02 do) puts its pair on seeds alone, and the report names the run and the
     reason; a pickle, or predictions that do not score what the run logged, are no
     predictions either."""
-    client = store(sweep)
-    runs = sorted(
-        (r for r in client.search_runs(["1"]) if "gpool.role" not in r.data.tags),
-        key=lambda r: r.info.run_name,
-    )
-    path = Path(urlparse(runs[0].info.artifact_uri).path) / "predictions" / "val.npy"
-    logged = path.read_bytes()
-    np.save(path, np.load(path)[0])  # the old format: no true classes
-    try:
-        proc = compare(sweep, tmp_path / "out")
-    finally:
-        path.write_bytes(logged)
-    assert proc.returncode == 0, proc.stderr
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("| pool=avg | pool"))
-    assert "| seeds alone | paired t |" in row
+    client, runs = store(sweep), runs_by_name(sweep)
+    with predictions_replaced(runs[0], lambda path: np.save(path, np.load(path)[0])):
+        proc = compare(sweep, tmp_path / "out")  # the old format: no true classes
+    assert_on_seeds_alone(proc)
     assert f"{runs[0].info.run_name}: predictions/val.npy: predicted classes only" in proc.stdout
     score = runs[1].data.metrics["val_acc"]
     assert isinstance(fetch_image_scores(client, runs[1], {"val": score})["val"], ImageScores)
     assert "the run logged" in fetch_image_scores(client, runs[1], {"val": score - 0.2})["val"]
-    other = Path(urlparse(runs[1].info.artifact_uri).path) / "predictions" / "val.npy"
-    logged = other.read_bytes()
-    np.save(other, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    try:
+    pickled = np.array([{"a": 1}], dtype=object)
+    with predictions_replaced(runs[1], lambda path: np.save(path, pickled, allow_pickle=True)):
         assert "pickle" in fetch_image_scores(client, runs[1], {"val": score})["val"]
-    finally:
-        other.write_bytes(logged)
 
 
-def forged(path: Path, forgery: str, accuracy: float) -> None:
+def forged(forgery: str, accuracy: float, path: Path) -> None:
     """Replace a run's predictions file with what someone who can write to the run might
     put there (see test_a_forged_predictions_file_costs_its_run_the_images_only)."""
     if forgery == "zip archive":  # np.load would hand back an NpzFile
@@ -340,23 +354,12 @@ def test_a_forged_predictions_file_costs_its_run_the_images_only(
     any data is read: a forged one, however well it reproduces the run's accuracy, only
     puts the run's pair on seeds alone, with the run and the reason in one line, and no
     comparison of the sweep breaks or grows."""
-    client = store(sweep)
-    runs = sorted(
-        (r for r in client.search_runs(["1"]) if "gpool.role" not in r.data.tags),
-        key=lambda r: r.info.run_name,
-    )
-    path = Path(urlparse(runs[0].info.artifact_uri).path) / "predictions" / "val.npy"
-    logged = path.read_bytes()
-    forged(path, forgery, runs[0].data.metrics["val_acc"])
-    try:
+    run = runs_by_name(sweep)[0]
+    with predictions_replaced(run, partial(forged, forgery, run.data.metrics["val_acc"])):
         proc = compare(sweep, tmp_path / "out")
-    finally:
-        path.write_bytes(logged)
-    assert proc.returncode == 0, proc.stderr
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("| pool=avg | pool"))
-    assert "| seeds alone | paired t |" in row
+    assert_on_seeds_alone(proc)
     (why,) = [line for line in proc.stdout.splitlines() if "seeds alone, not the test" in line]
-    assert f"{runs[0].info.run_name}: predictions/val.npy" in why
+    assert f"{run.info.run_name}: predictions/val.npy" in why
     expected = {
         "many images": "holds 400000 images, the run scored 100",
         "one image": "holds 1 images, the run scored 100",
