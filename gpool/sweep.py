@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_class
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -154,9 +155,18 @@ class GroupSweeper(Sweeper):
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
 
+    @classmethod
+    def check(cls, config: DictConfig) -> list[list[str]]:
+        """Refuse settings it cannot sweep with one message (called by SweepTracking
+        before the sweep's run exists, and again by setup); returns the groups."""
+        params = config.hydra.sweeper.get("params") or {}
+        overrides = [*(f"{k}={v}" for k, v in params.items()), *config.hydra.overrides.task]
+        return factor_groups(overrides, cls.name, cls.least)
+
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        self.check(config)
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
@@ -215,6 +225,18 @@ def sequential_alpha(config: DictConfig) -> float:
     return stats.look_alpha(ALPHA, len(schedule(config)))
 
 
+def check_sweep(config: DictConfig) -> None:
+    """Refuse, before the sweep's run or any job's exists, what would stop the sweep on
+    its way: the values every job shares (config.check_values, the comparison's margin
+    among them) and the settings of its sweeper and launcher, through their `check`
+    (gpool's own plugins have one)."""
+    check_values(job_keys(config))
+    for plugin in (config.hydra.sweeper, config.hydra.launcher):
+        check = getattr(get_class(plugin._target_), "check", None)
+        if check is not None:
+            check(config)
+
+
 class SweepTracking(Callback):
     """Hydra callback, run in the launching process, before any job.
 
@@ -267,6 +289,7 @@ class SweepTracking(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            check_sweep(config)
             self.alpha = sequential_alpha(config)
         except GpoolError as err:  # a callback's exception would only be a warning
             raise SystemExit(f"gpool: {err}") from None

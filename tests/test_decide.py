@@ -115,6 +115,7 @@ def test_a_decide_sweep_stops_when_decided_and_a_rerun_trains_nothing(tmp_path, 
             ("pool=avg,max", "hydra.sweeper.first_round=2"),
             "first_round must be a whole number >= 3",
         ),
+        (("pool=avg,max", "compare.margin=abc"), "compare.margin must be a number of points"),
     ],
 )
 def test_a_decide_sweep_it_cannot_run_is_one_line(
@@ -123,4 +124,4 @@ def test_a_decide_sweep_it_cannot_run_is_one_line(
     proc = run_gpool(tmp_path, idx_root, "hydra/sweeper=decide", *overrides, *SHORT, multirun=True)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert job_runs(tmp_path) == []
+    assert job_runs(tmp_path) == [] and sweep_runs(tmp_path) == []  # checked before any run

@@ -491,6 +491,16 @@ def test_a_mistake_is_one_line_and_leaves_no_run(
     assert not (tmp_path / "mlflow.db").exists() or job_runs(tmp_path) == []
 
 
+def test_a_sweeps_mistake_is_one_line_before_any_run_exists(tmp_path: Path, idx_root: Path) -> None:
+    """Values the sweep's own run reads (the comparison's margin) are checked before that
+    run is made: nothing is left RUNNING, nothing is made at all."""
+    proc = run_gpool(
+        tmp_path, idx_root, *SHORT, "pool=avg,max", "compare.margin=abc", multirun=True
+    )
+    one_clear_line(proc, "compare.margin must be a number of points in (0, 100), not 'abc'")
+    assert all_runs(tmp_path) == []
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="mounts a small tmpfs")
 def test_a_full_disk_while_checkpointing_fails_the_run_and_leaves_no_partial_file(
     tmp_path: Path, idx_root: Path

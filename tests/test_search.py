@@ -59,6 +59,11 @@ def test_a_search_tunes_each_head_and_a_rerun_trains_nothing(tmp_path, idx_root)
             "is no search space",
         ),
         ((*SEARCH, "hydra.sweeper.seeds=0"), "seeds and startup_trials >= 1"),
+        (
+            (*SEARCH[:-1], '+hydra.sweeper.search={seed: "interval(0, 5)"}'),
+            "hydra/sweeper=search chooses the seeds itself",
+        ),
+        ((*SEARCH, "compare.margin=abc"), "compare.margin must be a number of points"),
     ],
 )
 def test_a_search_it_cannot_run_is_one_line(
@@ -67,4 +72,19 @@ def test_a_search_it_cannot_run_is_one_line(
     proc = run_gpool(tmp_path, idx_root, *overrides, *SHORT, multirun=True)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert job_runs(tmp_path) == []
+    assert job_runs(tmp_path) == [] and sweep_runs(tmp_path) == []  # checked before any run
+
+
+@pytest.mark.process
+def test_a_search_whose_trials_fail_exits_non_zero_and_says_so(tmp_path, idx_root) -> None:
+    """SGD at a learning rate of 1e5 and more turns every trial's loss to NaN: the search
+    asks for all its trials, then ends non-zero with one line, its runs and its sweep's
+    run FAILED."""
+    space = '+hydra.sweeper.search={optimizer.lr: "interval(1e5, 1e6)"}'
+    overrides = (*SEARCH[:-1], space, "optimizer=sgd")
+    proc = run_gpool(tmp_path, idx_root, *overrides, *SHORT, multirun=True)
+    assert proc.returncode != 0, proc.stdout
+    assert "hydra/sweeper=search: 8 of 8 trial runs failed" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {r.info.status for r in job_runs(tmp_path)} == {"FAILED"}
+    assert [r.info.status for r in sweep_runs(tmp_path)] == ["FAILED"]

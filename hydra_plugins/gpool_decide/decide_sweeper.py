@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from hydra.core.utils import JobReturn
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 
 from gpool import stats
 from gpool.compare import compare_jobs
@@ -44,6 +45,11 @@ class DecideSweeper(GroupSweeper):
         # The schedule is read from the config (gpool.sweep.schedule), where the sweep's
         # closing verdict reads it too.
         super().__init__(params)
+
+    @classmethod
+    def check(cls, config: DictConfig) -> list[list[str]]:
+        schedule(config)
+        return super().check(config)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None

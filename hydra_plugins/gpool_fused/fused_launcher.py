@@ -63,19 +63,34 @@ def apart(cfg: DictConfig) -> str | None:
     return None
 
 
+def check_fuse(fuse: Sequence[str]) -> None:
+    """Refuse `fuse` keys that cannot differ inside a group (see fusable)."""
+    if refused := [key for key in fuse if not fusable(key)]:
+        raise GpoolError(
+            f"hydra.launcher.fuse: {', '.join(refused)} cannot differ inside a fused group "
+            "(only seed, pool and pool.* can); jobs that differ in them run in separate groups"
+        )
+
+
 class FusedLauncher(Launcher):
     """A Hydra launcher: compose every job, group them, train each group, and return one
     JobReturn per job, as Hydra's own launchers do."""
 
     def __init__(self, fuse: Sequence[str] = ("seed", "pool")) -> None:
-        if refused := [key for key in fuse if not fusable(key)]:
-            raise GpoolError(
-                f"hydra.launcher.fuse: {', '.join(refused)} cannot differ inside a fused group "
-                "(only seed, pool and pool.* can); jobs that differ in them run in separate groups"
-            )
+        check_fuse(fuse)
         self.fuse = list(fuse)
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
+
+    @staticmethod
+    def check(config: DictConfig) -> None:
+        """Refuse settings it cannot launch with, before the sweep's run exists."""
+        check_fuse(config.hydra.launcher.fuse)
+        if config.hydra.sweeper.get("max_batch_size"):
+            raise GpoolError(
+                "hydra.sweeper.max_batch_size hands the launcher the sweep in batches, which "
+                "would split fused groups; leave it null with hydra/launcher=fused"
+            )
 
     def fused(self, key: str) -> bool:
         """Whether an override of `key` may differ inside a group."""
@@ -84,11 +99,7 @@ class FusedLauncher(Launcher):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        if config.hydra.sweeper.get("max_batch_size"):
-            raise GpoolError(
-                "hydra.sweeper.max_batch_size hands the launcher the sweep in batches, which "
-                "would split fused groups; leave it null with hydra/launcher=fused"
-            )
+        self.check(config)
         self.config = config
         self.hydra_context = hydra_context
 
@@ -179,6 +190,11 @@ class AutoLauncher(Launcher):
     def __init__(self, fuse: Sequence[str] = ("seed", "pool")) -> None:
         self.fused = FusedLauncher(fuse)
         self.chosen: Launcher = self.fused
+
+    @staticmethod
+    def check(config: DictConfig) -> None:
+        """Refuse `fuse` keys it could never fuse by, before the sweep's run exists."""
+        check_fuse(config.hydra.launcher.fuse)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig

@@ -29,7 +29,6 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 from gpool import GpoolError
@@ -56,12 +55,31 @@ def distribution(key: str, expression: str) -> optuna.distributions.BaseDistribu
     )
 
 
+def space(search: Mapping[str, str]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The search space of hydra.sweeper.search: key -> distribution; the seed is the
+    sweeper's own (each trial trains `seeds` of them), never searched."""
+    if not search:
+        raise GpoolError("hydra/sweeper=search needs search keys: hydra.sweeper.search={...}")
+    if "seed" in search:
+        raise GpoolError(
+            f"{SearchSweeper.name} chooses the seeds itself (0, 1, ... for each trial): drop "
+            "seed from hydra.sweeper.search and set hydra.sweeper.seeds"
+        )
+    return {key: distribution(key, str(text)) for key, text in search.items()}
+
+
 def trial_value(returns: Sequence[JobReturn]) -> float | None:
     """A trial's value: its seeds' mean final val acc; None when a seed failed or diverged."""
     values = [r.return_value for r in returns if r.status == JobStatus.COMPLETED]
     if len(values) < len(returns) or not all(math.isfinite(v) for v in values):
         return None
     return sum(values) / len(values)
+
+
+def failure(job: JobReturn) -> str:
+    """A failed job's overrides and its error's first line."""
+    error = job._return_value
+    return f"{' '.join(job.overrides or [])}: {str(error).splitlines()[0] if error else '?'}"
 
 
 class SearchSweeper(GroupSweeper):
@@ -80,25 +98,27 @@ class SearchSweeper(GroupSweeper):
         sampler_seed: int = 0,
         params: Mapping[str, str] | None = None,
     ) -> None:
-        if min(trials, trials_per_launch, seeds, startup_trials) < 1 or not search:
-            raise GpoolError(
-                "hydra/sweeper=search needs search keys, and trials, trials_per_launch, seeds "
-                "and startup_trials >= 1"
-            )
-        self.space = {key: distribution(key, str(text)) for key, text in search.items()}
+        self.space = space(search)
         self.trials, self.per_launch, self.seeds = trials, trials_per_launch, seeds
         self.startup, self.sampler_seed = startup_trials, sampler_seed
         super().__init__(params)
 
-    def setup(
-        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
-    ) -> None:
+    @classmethod
+    def check(cls, config: DictConfig) -> list[list[str]]:
+        settings = config.hydra.sweeper
+        counts = (settings.trials, settings.trials_per_launch, settings.seeds)
+        if min(*counts, settings.startup_trials) < 1:
+            raise GpoolError(
+                "hydra/sweeper=search needs trials, trials_per_launch, seeds and "
+                "startup_trials >= 1"
+            )
+        space(settings.get("search") or {})
         if not config.dataset.get("holdout"):
             raise GpoolError(
                 "hydra/sweeper=search picks values by validation accuracy: hold out part of "
                 "the training set (dataset.holdout=5000), or it would tune on the test split"
             )
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        return super().check(config)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None
@@ -126,6 +146,11 @@ class SearchSweeper(GroupSweeper):
         factors = swept_keys(self.config)
         for group, study in zip(groups, studies, strict=True):
             self.report([o for o in group if override_key(o) in factors], study)
+        if failed := [r for results in returns for r in results if r.status != JobStatus.COMPLETED]:
+            raise GpoolError(
+                f"{self.name}: {len(failed)} of {sum(map(len, returns))} trial runs failed "
+                f"(first: {failure(failed[0])}); each group's best trial is on the sweep's run"
+            )
         return returns
 
     def study(self) -> optuna.Study:
