@@ -159,7 +159,9 @@ def check_reachable(tracking_uri: str) -> None:
 def open_store(tracking_uri: str, create: bool) -> MlflowClient:
     """A client for the store, checked first so that every command fails in seconds with
     one message: a server must answer; a sqlite store must be writable where it lies
-    (`create`, for training) or already exist (reading, e.g. gpool.compare)."""
+    (`create`, for training) or already exist (reading, e.g. gpool.compare); any store
+    must answer one query (a plain folder, which MLflow 3 no longer serves, a database
+    without its driver, an artifact URI do not)."""
     tracking_uri = store_uri(tracking_uri)
     check_reachable(tracking_uri)
     db = sqlite_path(tracking_uri)
@@ -177,7 +179,15 @@ def open_store(tracking_uri: str, create: bool) -> MlflowClient:
                 f"the MLflow store {db} cannot be written ({err.strerror or err}); point "
                 "mlflow.tracking_uri / MLFLOW_TRACKING_URI at a writable place"
             ) from None
-    return MlflowClient(tracking_uri)
+    try:
+        client = MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)
+    except (MlflowException, ImportError) as err:  # ImportError: a database driver missing
+        raise GpoolError(
+            f"cannot open the MLflow store {redact(tracking_uri)} "
+            f"({type(err).__name__}: {first_line(err)})"
+        ) from None
+    return client
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -571,6 +571,23 @@ def test_compare_mistakes_are_one_line(tmp_path: Path, idx_root: Path) -> None:
     assert "notebook: FINISHED without val_acc" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "a-plain-folder",  # a file store, which MLflow 3 refuses
+        "file:///etc",
+        "postgresql://gpool:secret@127.0.0.1:1/gpool",  # no driver installed
+        "databricks",  # no credentials, no SDK
+        "mlflow-artifacts:/x",  # an artifact URI, no tracking store
+    ],
+)
+def test_a_store_gpool_cannot_open_is_one_line(tmp_path: Path, uri: str) -> None:
+    uri = str(tmp_path / uri) if uri == "a-plain-folder" else uri
+    proc = compare(tmp_path, uri=uri)
+    one_clear_line(proc, "cannot open the MLflow store")
+    assert "secret" not in proc.stderr
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs read-only")
 def test_compare_on_a_read_only_store_prints_the_report_then_one_line(
     tmp_path: Path, idx_root: Path
