@@ -37,6 +37,8 @@ class PooledNet(nn.Module):
             raise ValueError(
                 f"output_activation must be null or 'sigmoid', not {output_activation!r}"
             )
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise GpoolError(f"model.channels must be >= 1, not {channels!r}")
         if pool_position not in ("class_maps", "features"):
             raise GpoolError(
                 f"model.pool_position must be class_maps or features, not {pool_position!r}"
@@ -50,6 +52,7 @@ class PooledNet(nn.Module):
         # Registered in this order (features, classifier, pool, head): parameter order is
         # what optimiser state and checkpoints index by.
         self.features = features
+        self.channels = channels  # the maps `features` returns
         if pool_position == "class_maps":
             self.classifier: nn.Module = nn.Conv2d(channels, num_classes, 1)
             channels = num_classes
@@ -77,6 +80,29 @@ class PooledNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.through(HEAD, self.through(TRUNK, x))
+
+    @torch.no_grad()
+    def check_features(self, x: Tensor) -> None:
+        """Refuse, in one line naming both shapes, a backbone whose output on images `x`
+        is not the feature maps [N, channels, H', W'] the head is built for: found before
+        a run is made, not as a torch traceback in its first step. In eval mode, so that
+        a BatchNorm's running statistics stay as they were."""
+        training = self.training
+        self.eval()
+        try:
+            maps = self.features(x)
+        except RuntimeError as err:
+            raise GpoolError(
+                f"model.features fails on images {list(x.shape)}: {str(err).splitlines()[0]}"
+            ) from None
+        finally:
+            self.train(training)
+        if maps.ndim != 4 or maps.shape[1] != self.channels or 0 in maps.shape:
+            raise GpoolError(
+                f"model.features returns {list(maps.shape)} for images {list(x.shape)}; "
+                f"gpool's head needs feature maps [N, {self.channels}, H', W'] "
+                f"(model.channels={self.channels})"
+            )
 
     def through(self, parts: Sequence[str], x: Tensor) -> Tensor:
         """`x` through the named parts in turn (TRUNK, HEAD)."""

@@ -223,6 +223,8 @@ def start(
     StackedModel of several, each initialised exactly as its own run would be; one
     optimiser over all. `names` label the members in the log."""
     networks = [network(cfg, trainer) for cfg in configs]
+    probe, _ = data.batch(data.train, torch.arange(min(2, len(data.train)), device=trainer.device))
+    networks[0].check_features(probe)  # every member shares its trunk (StackedModel)
     model = networks[0] if len(networks) == 1 else StackedModel(networks).to(trainer.device)
     cfg = configs[0]
     try:

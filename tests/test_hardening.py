@@ -491,6 +491,32 @@ def test_a_mistake_is_one_line_and_leaves_no_run(
     assert not (tmp_path / "mlflow.db").exists() or job_runs(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (  # a backbone that ends in vectors, not maps
+            ("model.features._target_=torch.nn.Flatten", "~model.features.in_channels"),
+            "model.features returns [2, 784] for images [2, 1, 28, 28]; gpool's head needs "
+            "feature maps [N, 512, H', W'] (model.channels=512)",
+        ),
+        (
+            ("model.channels=100",),
+            "model.features returns [2, 512, 4, 4] for images [2, 1, 28, 28]; gpool's head "
+            "needs feature maps [N, 100, H', W'] (model.channels=100)",
+        ),
+        (("model.channels=0",), "model.channels must be >= 1, not 0"),
+    ],
+    ids=["vectors", "channels", "zero"],
+)
+def test_a_backbone_of_the_wrong_shape_is_one_line_before_its_run(
+    tmp_path: Path, idx_root: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    """Your own backbone (model.features) is tried on one batch before any run is made."""
+    proc = run_gpool(tmp_path, idx_root, *SHORT, "model=resnet18", *overrides)
+    one_clear_line(proc, message)
+    assert job_runs(tmp_path) == []
+
+
 def test_a_sweeps_mistake_is_one_line_before_any_run_exists(tmp_path: Path, idx_root: Path) -> None:
     """Values the sweep's own run reads (the comparison's margin) are checked before that
     run is made: nothing is left RUNNING, nothing is made at all."""
