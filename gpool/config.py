@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, field, make_dataclass
 from functools import cache
@@ -28,6 +29,23 @@ CONF_DIR = PROJECT_ROOT / "conf"
 MAX_PARAM_LENGTH = 6000
 #: The config groups a run is tagged with and `gpool.compare` groups by.
 GROUPS = ("pool", "dataset", "optimizer", "scheduler", "model", "experiment")
+#: The top-level keys gpool reads (conf/config.yaml's; `experiment` is no key, its presets
+#: set the others). Any other (`+note=...`) changes nothing a run computes unless one of
+#: these interpolates it, which its resolved value then shows: it is no part of the config
+#: hash (gpool.resume.affects_result) and gets one warning (unread_keys).
+CONFIG_KEYS = (
+    "pool",
+    "optimizer",
+    "scheduler",
+    "dataset",
+    "model",
+    "trainer",
+    "seed",
+    "data_dir",
+    "checkpoint_dir",
+    "mlflow",
+    "compare",
+)
 
 
 @cache
@@ -96,6 +114,15 @@ def check_values(cfg: DictConfig) -> None:
     for switch in ("mlflow.system_metrics", "mlflow.log_model"):
         if not isinstance(value := OmegaConf.select(cfg, switch), bool):
             raise GpoolError(f"{switch} must be true or false, not {value!r}")
+
+
+def unread_keys(cfg: DictConfig) -> list[str]:
+    """The top-level keys of `cfg` that gpool never reads and that no key it reads
+    interpolates (`${key...}`): keys that change nothing (see CONFIG_KEYS)."""
+    extra = [key for key in cfg if key not in CONFIG_KEYS]
+    read = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(CONFIG_KEYS)), resolve=False)
+    interpolations = " ".join(v for v in flatten(read).values() if "${" in v)
+    return [k for k in extra if not re.search(rf"\$\{{[^}}]*\b{re.escape(k)}\b", interpolations)]
 
 
 def override_key(override: str) -> str:

@@ -29,7 +29,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from gpool import GpoolError
-from gpool.config import flatten
+from gpool.config import CONFIG_KEYS, GROUPS, flatten
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,10 @@ class RunInterrupted(KeyboardInterrupt):
 
 def affects_result(key: str) -> bool:
     """Whether a dotted config key can change what a run learns; where it is logged or
-    cached, its thread count and whether it resumes cannot."""
+    cached, its thread count and whether it resumes cannot, nor a top-level key gpool
+    never reads (config.CONFIG_KEYS)."""
+    if key.split(".", 1)[0] not in (*CONFIG_KEYS, *GROUPS):  # an override may name a group
+        return False
     return not any(key == p or key.startswith(f"{p}.") for p in NOT_RESULT_KEYS)
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpool import GpoolError, stats
 from gpool.compare import ALPHA, MARGIN, publish_comparison
-from gpool.config import check_values, override_key
+from gpool.config import CONFIG_KEYS, check_values, override_key, unread_keys
 from gpool.resume import (
     LAUNCHER_PID_ENV,
     affects_result,
@@ -237,6 +237,17 @@ def check_sweep(config: DictConfig) -> None:
             check(config)
 
 
+def warn_unread(config: DictConfig) -> None:
+    """One warning for each top-level key that changes nothing (config.unread_keys)."""
+    for key in unread_keys(job_keys(config)):
+        log.warning(
+            "gpool reads no top-level key %s and nothing interpolates it: it changes no "
+            "result and is no part of the config hash (gpool reads: %s)",
+            key,
+            ", ".join(CONFIG_KEYS),
+        )
+
+
 class SweepTracking(Callback):
     """Hydra callback, run in the launching process, before any job.
 
@@ -285,6 +296,7 @@ class SweepTracking(Callback):
             check_values(job_keys(config))
         except GpoolError:  # the job refuses it in Hydra's words, and no store is created
             return
+        warn_unread(config)
         self.prepare(config, config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -293,6 +305,7 @@ class SweepTracking(Callback):
             self.alpha = sequential_alpha(config)
         except GpoolError as err:  # a callback's exception would only be a warning
             raise SystemExit(f"gpool: {err}") from None
+        warn_unread(config)
         client, experiment = self.prepare(config, config.hydra.sweep.dir, "hydra.sweep.dir")
         overrides = redact(" ".join(config.hydra.overrides.task))
         key = sweep_key(config)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import gpool
 from gpool import GpoolError
 from gpool.compare import arguments as compare_arguments
-from gpool.config import CONF_DIR, GROUPS, check_values
+from gpool.config import CONF_DIR, CONFIG_KEYS, GROUPS, check_values, unread_keys
 from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
@@ -55,6 +55,20 @@ def test_groups_have_the_promised_options() -> None:
     presets = ["article", "article_decide", "decide", "quick", "search", "tuned"]
     assert options("experiment") == presets
     assert options("model") == ["convnet", "resnet18"]
+
+
+def test_the_keys_gpool_reads_are_the_configs_own() -> None:
+    """CONFIG_KEYS decides what the config hash covers: it must name every top-level key
+    of the config, and nothing else."""
+    assert sorted(make_cfg()) == sorted(CONFIG_KEYS)
+    assert unread_keys(make_cfg("+note=x", "+lr=0.1", "optimizer.lr=${lr}")) == ["note"]
+
+
+def test_the_article_decide_preset_is_the_articles_protocol_decided() -> None:
+    cfg, article = make_cfg("experiment=article_decide", hydra=True), make_cfg("experiment=article")
+    assert OmegaConf.masked_copy(cfg, list(article)) == article
+    assert cfg.hydra.sweeper._target_.endswith("DecideSweeper")
+    assert dict(cfg.hydra.sweeper.params) == {"pool": "avg,max"}
 
 
 def test_the_tuned_preset_holds_out_data_and_sweeps_heads_lrs_and_seeds() -> None:

@@ -14,6 +14,7 @@ from conftest import (
     SHORT,
     SHORT_WITH_MODEL,
     all_runs,
+    job_runs,
     run_gpool,
     write_image_folder,
 )
@@ -219,6 +220,23 @@ def test_unknown_option_key_or_wrong_type_fails_before_anything_is_logged(
     assert proc.returncode != 0
     assert "Value 'ten' of type 'str' could not be converted to Integer" in proc.stderr
     assert all_runs(tmp_path) == []
+
+
+def test_a_top_level_key_gpool_never_reads_is_one_warning_and_no_new_config(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    """`+nosuch=1` changes nothing a run computes: one warning, and the run of the same
+    config without it counts (skipped); a key another key interpolates is no warning."""
+    assert run_gpool(tmp_path, idx_root, *SHORT).returncode == 0
+    proc = run_gpool(tmp_path, idx_root, *SHORT, "+nosuch=1")
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    warnings = [line for line in log.splitlines() if "gpool reads no top-level key" in line]
+    assert len(warnings) == 1 and "key nosuch and nothing interpolates it" in warnings[0], log
+    assert "skipping" in log and len(job_runs(tmp_path)) == 1
+    proc = run_gpool(tmp_path, idx_root, *SHORT, "+peak=0.01", "optimizer.lr=${peak}")
+    assert proc.returncode == 0 and "gpool reads no top-level key" not in proc.stdout
+    assert len(job_runs(tmp_path)) == 2  # another lr: another config
 
 
 def test_missing_data_is_one_clear_error_and_no_run(tmp_path: Path, monkeypatch) -> None:
