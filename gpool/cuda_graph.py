@@ -18,8 +18,10 @@ and how it is met here (PyTorch docs, notes/cuda "Whole-network capture"):
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,24 @@ def blockers(device: torch.device, compile_mode: str | None, state: TrainState) 
             "last batch of an epoch would change"
         )
     return reasons
+
+
+@contextmanager
+def restored_on_error(state: TrainState) -> Iterator[None]:
+    """Weights and optimiser state (its values, lr, flags) put back as they were when the
+    block raises: what a failed capture's warm-up steps and installed device values
+    changed, so that the eager steps after it train what an eager run trains."""
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    weights = [p.detach().clone() for p in params]
+    optimiser = copy.deepcopy(state.optimizer.state_dict())
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for p, saved in zip(params, weights, strict=True):
+                p.copy_(saved)
+        state.optimizer.load_state_dict(optimiser)
+        raise
 
 
 def cycles_momentum(scheduler: Any | None) -> bool:

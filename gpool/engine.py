@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gpool import GpoolError
-from gpool.cuda_graph import GraphedSteps, Step, blockers
+from gpool.cuda_graph import GraphedSteps, Step, blockers, restored_on_error
 
 if TYPE_CHECKING:  # the data module pulls in torchvision (a second): not for a config's sake
     from gpool.data import ImageData, Split
@@ -344,20 +344,22 @@ class Trainer:
         on_epoch: Callable[[int, EpochResult], None] | None = None,
         on_failure: Callable[[int, GpoolError], None] | None = None,
         stop: Stop | None = None,
+        on_eager: Callable[[str], None] | None = None,
     ) -> None:
         """Train from the epoch after the members' histories to `epochs`, calling
         `on_epoch(member, result)` after each (where the caller logs and checkpoints);
         `stop` is asked between steps. A member whose loss turns NaN or infinite stops
         being reported: `on_failure(member, error)`, or the error is raised if no
         on_failure is given; so does a member whose `on_epoch` raises a GpoolError. Its
-        NaNs stay in its own slices of the stacked weights."""
+        NaNs stay in its own slices of the stacked weights. `on_eager(why)` hears of steps
+        that could not be captured and run eagerly instead (see steps)."""
         # The compiled wrapper shares the model's parameters; callers keep the plain model
         # (its state_dict has no `_orig_mod.` prefix). Compile time lands in epoch 1.
         model = torch.compile(state.model, mode=self.compile) if self.compile else state.model
         first = len(state.members[0].history) + 1
         if first > self.epochs:
             return
-        steps = self.steps(model, state, data)  # captured here: after any restore
+        steps = self.steps(model, state, data, on_eager)  # captured here: after any restore
         for epoch in range(first, self.epochs + 1):
             lr = state.optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
@@ -407,18 +409,38 @@ class Trainer:
             if all(member.failure is not None for member in state.members):
                 return
 
-    def steps(self, model: nn.Module, state: TrainState, data: ImageData) -> Steps:
-        """How this fit runs its steps: captured once and replayed, or eagerly."""
+    def steps(
+        self,
+        model: nn.Module,
+        state: TrainState,
+        data: ImageData,
+        on_eager: Callable[[str], None] | None = None,
+    ) -> Steps:
+        """How this fit runs its steps: captured once and replayed, or eagerly. Where
+        capture fails (a CUDA error in its warm-up or the capture itself) and was not
+        demanded (trainer.cuda_graph=true), the weights and optimiser state are put back
+        as they were and the steps run eagerly, as an eager run's would: one warning,
+        and `on_eager(why)`. Nothing has trained yet then; a failure later fails the run."""
         members, steps = len(state.members), self.steps_per_epoch(data)
         step = partial(self._step, model, state.optimizer, data, members)
         trained = TrainPass.zeros(
             members, min(len(data.train), steps * self.batch_size), self.device
         )
-        if not state.cuda_graph:
-            return EagerSteps(step, state.optimizer, trained, self.batch_size)
-        model.train()
-        log.info("capturing the training step as a CUDA graph")
-        return GraphedSteps(step, state, trained, steps, self.batch_size)
+        if state.cuda_graph:
+            model.train()
+            log.info("capturing the training step as a CUDA graph")
+            try:
+                with restored_on_error(state):
+                    return GraphedSteps(step, state, trained, steps, self.batch_size)
+            except Exception as err:
+                if self.cuda_graph == "true":
+                    raise
+                state.cuda_graph = False
+                why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+                log.warning("the training step could not be captured (%s): it runs eagerly", why)
+                if on_eager is not None:
+                    on_eager(why)
+        return EagerSteps(step, state.optimizer, trained, self.batch_size)
 
     def _step(
         self,

@@ -60,6 +60,8 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 #: Tag of a run: seconds spent in MLflow calls so far, over every session that trained it.
 SECONDS_TAG = "gpool.mlflow_seconds"
+#: Tag of a run whose steps could not be captured as a CUDA graph: why; they ran eagerly.
+EAGER_TAG = "gpool.eager_because"
 #: Tag that marks a sweep's parent run (value "sweep").
 ROLE_TAG = "gpool.role"
 #: Tag of a sweep's parent run: what identifies "the same sweep" when it is run again.
@@ -416,6 +418,9 @@ class Tracker:
         if status == RunStatus.FINISHED:
             self.client.log_metric(self.run_id, "mlflow_seconds", total)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._call(self.client.set_tag, self.run_id, key, redact(value))
 
     def log_epoch(self, result: EpochResult) -> None:
         """All of an epoch's metrics in one call: per-metric calls are slow on sqlite."""

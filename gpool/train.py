@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 
 from gpool import PROJECT_ROOT, GpoolError
 from gpool.checkpoint import load_checkpoint, member_parts, restore, save_checkpoint
@@ -48,6 +48,7 @@ from gpool.resume import (
 )
 from gpool.stacking import StackedModel
 from gpool.tracking import (
+    EAGER_TAG,
     SECONDS_TAG,
     SWEPT_KEYS_ENV,
     Tracker,
@@ -216,6 +217,26 @@ def network(cfg: DictConfig, trainer: Trainer) -> nn.Module:
     return trainer.prepare(build_model(cfg))
 
 
+class FusingFailed(GpoolError):
+    """Several runs' networks could not be stacked into one model: they train one by one."""
+
+
+def stacked(networks: list[nn.Module], probe: Tensor, device: torch.device) -> StackedModel:
+    """The networks as one StackedModel on `device`, tried on the images `probe` (each
+    member on them) in eval mode: a stack that cannot be built or run is FusingFailed,
+    found before any run is made."""
+    try:
+        model = StackedModel(networks).to(device)
+        model.eval()
+        with torch.no_grad():
+            model(probe.repeat(len(networks), *[1] * (probe.ndim - 1)))
+        model.train()
+    except (RuntimeError, ValueError, TypeError) as err:
+        why = str(err).strip().splitlines()[0][:300]
+        raise FusingFailed(f"{type(err).__name__}: {why}") from err
+    return model
+
+
 def start(
     trainer: Trainer, data: ImageData, configs: list[DictConfig], names: list[str] | None = None
 ) -> TrainState:
@@ -225,7 +246,7 @@ def start(
     networks = [network(cfg, trainer) for cfg in configs]
     probe, _ = data.batch(data.train, torch.arange(min(2, len(data.train)), device=trainer.device))
     networks[0].check_features(probe)  # every member shares its trunk (StackedModel)
-    model = networks[0] if len(networks) == 1 else StackedModel(networks).to(trainer.device)
+    model = networks[0] if len(networks) == 1 else stacked(networks, probe, trainer.device)
     cfg = configs[0]
     try:
         optimizer = instantiate(cfg.optimizer)(model.parameters())
@@ -312,7 +333,15 @@ def train_members(
         names = [job.run_name for job in jobs]
         key = hashlib.sha256(" ".join(sorted(j.fingerprint for j in jobs)).encode()).hexdigest()
         group.update({"gpool.fused_group": key[:16], "gpool.fused_size": str(len(jobs))})
-    state = start(trainer, data, [job.cfg for job in jobs], names)
+    try:
+        state = start(trainer, data, [job.cfg for job in jobs], names)
+    except FusingFailed as err:  # before any run exists: each trains on its own
+        log.warning("%d jobs could not train as one model (%s): one by one", len(jobs), err)
+        return [
+            outcome
+            for member in members
+            for outcome in train_members([member], trainer, data, client, experiment, stop, claims)
+        ]
     if members[0].checkpoint is not None:
         restore([m.checkpoint for m in members], state)
         log.info("resuming after epoch %d", members[0].epoch)
@@ -366,7 +395,11 @@ def train_runs(
             model = member_network(state, n, jobs[n].cfg, trainer)
             runs[n].log_image(plot_maps(model, data, jobs[n]), "class_maps", result.epoch)
 
-    trainer.fit(state, data, on_epoch=after_epoch, on_failure=fail, stop=stop)
+    def eager(why: str) -> None:  # the steps could not be captured (see Trainer.steps)
+        for run in runs:
+            run.set_tag(EAGER_TAG, why)
+
+    trainer.fit(state, data, on_epoch=after_epoch, on_failure=fail, stop=stop, on_eager=eager)
     for n, member in enumerate(state.members):
         if member.failure is not None:
             continue

@@ -259,3 +259,47 @@ def test_run_names_carry_every_key_the_sweep_varies(tmp_path: Path, idx_root: Pa
     assert sorted(by_name(tmp_path)) == [
         f"pool=gem pool.p={p} optimizer.lr={lr} seed=0" for p in (1, 3) for lr in ("0.001", "0.003")
     ]
+
+
+#: `python -c` code that runs gpool.train with the stacked model's forward failing, as a
+#: grouped convolution a GPU's library cannot run would: on the probe gpool tries a new
+#: stack on (no gradient), or only once training began (with gradients).
+FAILING_STACK = """
+import sys, torch, gpool.stacking
+def forward(self, x):
+    if {when}:
+        raise RuntimeError("injected: no kernel for this grouped convolution")
+    return original(self, x)
+original = gpool.stacking.StackedModel.forward
+gpool.stacking.StackedModel.forward = forward
+from gpool.train import main
+main()
+"""
+
+
+def test_a_group_that_cannot_be_stacked_trains_one_by_one(tmp_path: Path, idx_root: Path):
+    """Where the stack fails before its first step, each job trains alone, exactly as a
+    basic sweep's run, and the log says why; where it fails once training began, the
+    runs fail as they would have."""
+    fused, basic, late = tmp_path / "fused", tmp_path / "basic", tmp_path / "late"
+    for folder in (fused, basic, late):
+        folder.mkdir()
+    entry = ("-c", FAILING_STACK.format(when="not torch.is_grad_enabled()"))
+    proc = run_gpool(fused, idx_root, FUSED, *HEADS_X_SEEDS, *STEPS, multirun=True, entry=entry)
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "4 jobs could not train as one model (RuntimeError: injected" in log, log
+    assert "training 4 jobs as one model" in log  # what the launcher tried first
+    assert run_gpool(basic, idx_root, *HEADS_X_SEEDS, *STEPS, multirun=True).returncode == 0
+    alone = by_name(basic)
+    for name, run in by_name(fused).items():
+        assert run.info.status == "FINISHED" and "gpool.fused_group" not in run.data.tags
+        got = history(fused, run.info.run_id, "val_loss")
+        assert got == history(basic, alone[name].info.run_id, "val_loss"), name
+
+    entry = ("-c", FAILING_STACK.format(when="torch.is_grad_enabled()"))
+    proc = run_gpool(late, idx_root, FUSED, *HEADS_X_SEEDS, *STEPS, multirun=True, entry=entry)
+    assert proc.returncode != 0 and "could not train as one model" not in proc.stdout
+    runs = job_runs(late)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FAILED"}
+    assert all("injected" in r.data.tags["failure"] for r in runs)

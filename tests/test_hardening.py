@@ -517,6 +517,45 @@ def test_a_backbone_of_the_wrong_shape_is_one_line_before_its_run(
     assert job_runs(tmp_path) == []
 
 
+#: `python -m gpool.train` with the CUDA-graph decision made as on a GPU (nothing blocks
+#: capture) and the CUDA call at `fails` raising as a driver would; with `warm_up`, the
+#: stream calls before it pass through, so the warm-up steps really train first.
+FAILING_CAPTURE = """
+import contextlib, torch, gpool.engine
+gpool.engine.blockers = lambda *args: []
+def fails(*args, **kwargs):
+    raise RuntimeError("injected: CUDA error: operation not permitted when stream is capturing")
+if {warm_up}:
+    torch.cuda.Stream = lambda *args, **kwargs: type("Side", (), {{"wait_stream": print}})()
+    torch.cuda.current_stream = torch.cuda.Stream
+    torch.cuda.stream = lambda side: contextlib.nullcontext()
+    torch.cuda.CUDAGraph = fails
+else:
+    torch.cuda.Stream = fails
+from gpool.train import main
+main()
+"""
+
+
+@pytest.mark.parametrize("warm_up", [False, True], ids=["first-cuda-call", "after-warm-up"])
+def test_steps_that_cannot_be_captured_train_eagerly_as_an_eager_run(
+    tmp_path: Path, idx_root: Path, warm_up: bool
+) -> None:
+    """The capture's failure leaves weights and optimiser state as they were: the run
+    trains exactly what an eager run trains, says why in one warning and a tag."""
+    graphed, eager = tmp_path / "graphed", tmp_path / "eager"
+    graphed.mkdir(), eager.mkdir()
+    entry = ("-c", FAILING_CAPTURE.format(warm_up=warm_up))
+    proc = run_gpool(graphed, idx_root, *SHORT, "scheduler=onecycle", entry=entry)
+    assert proc.returncode == 0, proc.stderr
+    assert "the training step could not be captured (RuntimeError: injected" in proc.stdout
+    assert run_gpool(eager, idx_root, *SHORT, "scheduler=onecycle").returncode == 0
+    (run,), (plain,) = job_runs(graphed), job_runs(eager)
+    assert run.data.tags["gpool.eager_because"].startswith("RuntimeError: injected: CUDA error")
+    for key in ("train_loss", "val_loss", "lr"):
+        assert history(graphed, run.info.run_id, key) == history(eager, plain.info.run_id, key)
+
+
 def test_a_sweeps_mistake_is_one_line_before_any_run_exists(tmp_path: Path, idx_root: Path) -> None:
     """Values the sweep's own run reads (the comparison's margin) are checked before that
     run is made: nothing is left RUNNING, nothing is made at all."""
