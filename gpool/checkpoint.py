@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from gpool import GpoolError
 from gpool.engine import EpochResult, TrainState
+from gpool.errors import GpoolError
 from gpool.stacking import StackedModel
 
 

@@ -34,8 +34,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from scipy.stats import t as student_t
 
-from gpool import PROJECT_ROOT, GpoolError, stats
+from gpool import PROJECT_ROOT, stats
 from gpool.config import GROUPS, compose_config
+from gpool.errors import GpoolError
 from gpool.plots import LEADER, plot_forest, plot_group_curves, plot_pairwise
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result, one_per_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, field, make_dataclass
@@ -18,11 +19,13 @@ from typing import Any, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gpool import PROJECT_ROOT, GpoolError
+from gpool import PROJECT_ROOT
+from gpool.errors import GpoolError
 
 CONF_DIR = PROJECT_ROOT / "conf"
 #: MLflow's limit on a param's value; longer values are cut.
@@ -46,6 +49,46 @@ CONFIG_KEYS = (
     "mlflow",
     "compare",
 )
+
+
+def threads_per_job() -> int | None:
+    """Torch threads for one job so that parallel jobs x threads <= cores.
+
+    A launcher that gives each job `cpus_per_task` (submitit) sets the count; one that runs
+    jobs side by side on this machine (joblib's `n_jobs`, -1 = one per core; submitit's
+    `array_parallelism`) shares the cores among them; with jobs one after another (the
+    basic launcher), None keeps torch's default.
+    """
+    if not HydraConfig.initialized():
+        return None
+    launcher = HydraConfig.get().launcher
+    if launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    parallel = launcher.get("n_jobs") or launcher.get("array_parallelism")
+    if not parallel:
+        return None
+    cores = os.cpu_count() or 1
+    return max(1, cores // (cores if parallel < 0 else parallel))
+
+
+def pooled_channels(model: DictConfig, classes: int) -> int:
+    """The maps a pool head sees (conf/pool/attention.yaml): one per class, or the
+    backbone's feature maps (a PooledNet's `channels`; the convnet's last width)."""
+    if model.pool_position == "class_maps":
+        return classes
+    return model.channels if "channels" in model else model.widths[-1]
+
+
+@cache
+def register() -> None:
+    """What composing conf/ needs besides its files: gpool's resolvers (`${gpool.root:}`,
+    `${gpool.threads:}`, `${gpool.pooled_channels:...}`) and the trainer schema. Called
+    before any composition (compose_config; gpool.train at import), not when this module
+    is imported."""
+    OmegaConf.register_new_resolver("gpool.root", lambda: str(PROJECT_ROOT), replace=True)
+    OmegaConf.register_new_resolver("gpool.threads", threads_per_job, replace=True)
+    OmegaConf.register_new_resolver("gpool.pooled_channels", pooled_channels, replace=True)
+    register_trainer_schema()
 
 
 @cache
@@ -83,7 +126,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
     """The config `python -m gpool.train overrides...` would run (with `hydra.*` if asked)."""
-    register_trainer_schema()
+    register()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gpool import GpoolError
+from gpool.errors import GpoolError
 from gpool.stacking import kept_buffers
 
 if TYPE_CHECKING:

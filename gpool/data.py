@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.datasets import MNIST, ImageFolder
 
-from gpool import GpoolError
+from gpool.errors import GpoolError
 
 log = logging.getLogger(__name__)
 

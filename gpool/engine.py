@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from gpool import GpoolError
 from gpool.cuda_graph import GraphedSteps, Step, blockers, restored_on_error
+from gpool.errors import GpoolError
 
 if TYPE_CHECKING:  # the data module pulls in torchvision (a second): not for a config's sake
     from gpool.data import ImageData, Split

@@ -8,8 +8,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from gpool import GpoolError
 from gpool.config import build
+from gpool.errors import GpoolError
 from gpool.stacking import HEAD, TRUNK
 
 

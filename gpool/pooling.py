@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpool import GpoolError
+from gpool.errors import GpoolError
 
 
 class GlobalAvgPool(nn.Module):

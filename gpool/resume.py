@@ -28,8 +28,8 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from gpool import GpoolError
 from gpool.config import CONFIG_KEYS, GROUPS, flatten
+from gpool.errors import GpoolError
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from gpool import GpoolError, stats
+from gpool import stats
 from gpool.compare import ALPHA, MARGIN, publish_comparison
 from gpool.config import CONFIG_KEYS, check_values, override_key, unread_keys
+from gpool.errors import GpoolError
 from gpool.resume import (
     LAUNCHER_PID_ENV,
     affects_result,

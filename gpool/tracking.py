@@ -42,8 +42,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_SOURCE_NAME,
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 from PIL import Image
 
-from gpool import PROJECT_ROOT, GpoolError
+from gpool import PROJECT_ROOT
 from gpool.config import GROUPS, flatten
+from gpool.errors import GpoolError
 from gpool.resume import HASH_TAG, one_per_config, process_tags
 
 if TYPE_CHECKING:  # hints only: gpool.compare reads a store without importing torch

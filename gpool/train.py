@@ -25,13 +25,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from gpool import PROJECT_ROOT, GpoolError
+from gpool import PROJECT_ROOT
 from gpool.checkpoint import load_checkpoint, member_parts, restore, save_checkpoint
 from gpool.config import build as build_object
-from gpool.config import check_values, override_key, register_trainer_schema
+from gpool.config import check_values, override_key, register
 from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
 from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
+from gpool.errors import GpoolError
 from gpool.model import build_model
 from gpool.plots import plot_class_maps, plot_confusion, plot_curves
 from gpool.predictions import ARTIFACT_DIR
@@ -424,7 +425,7 @@ def open_experiment(cfg: DictConfig) -> tuple[MlflowClient, str]:
     return client, experiment_id(client, cfg.mlflow.experiment_name)
 
 
-register_trainer_schema()  # before hydra.main composes: conf/trainer extends it
+register()  # before hydra.main composes: gpool's resolvers, the trainer schema
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")

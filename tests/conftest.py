@@ -119,7 +119,7 @@ def big_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: One torch (OpenMP) thread per process: pytest-xdist runs a worker per core, and two
 #: processes of two threads each on two cores measured 2.2x slower each than one thread each
 #: (OpenMP's threads spin while they wait). Launchers that share the cores among parallel
-#: jobs still set their own count (gpool.threads_per_job).
+#: jobs still set their own count (gpool.config.threads_per_job).
 torch.set_num_threads(1)
 
 

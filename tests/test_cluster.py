@@ -15,8 +15,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
-import gpool
-from gpool.config import compose_config
+from gpool.config import compose_config, threads_per_job
 from gpool.resume import is_alive
 from gpool.storebench import mlflow_server
 from gpool.tracking import ROLE_TAG
@@ -120,10 +119,10 @@ def test_slurm_jobs_use_their_cpus_as_torch_threads(monkeypatch: pytest.MonkeyPa
     cfg = compose_config("hydra/launcher=slurm", hydra=True)
     HydraConfig.instance().set_config(cfg)
     try:
-        assert gpool.threads_per_job() == 8
+        assert threads_per_job() == 8
     finally:
         HydraConfig.instance().cfg = None
-    assert gpool.threads_per_job() is None  # outside a Hydra job: torch's default
+    assert threads_per_job() is None  # outside a Hydra job: torch's default
 
 
 def test_a_requeued_slurm_job_sees_its_earlier_incarnation_as_dead(

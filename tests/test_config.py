@@ -11,12 +11,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import gpool
-from gpool import GpoolError
 from gpool.compare import arguments as compare_arguments
 from gpool.config import CONF_DIR, CONFIG_KEYS, GROUPS, check_values, unread_keys
 from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
+from gpool.errors import GpoolError
 from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
 from gpool.resume import config_hash

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from gpool import GpoolError
 from gpool.config import compose_config as make_cfg
 from gpool.cuda_graph import LiveValues, blockers, cycles_momentum
 from gpool.data import ImageData
 from gpool.engine import EpochResult, NonFiniteLossError, Trainer, seed_everything
+from gpool.errors import GpoolError
 from gpool.model import build_model
 from gpool.train import start
 

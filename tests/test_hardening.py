@@ -45,7 +45,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from gpool import GpoolError
+from gpool.errors import GpoolError
 from gpool.resume import CHECKPOINT_TAG, claim
 from gpool.storebench import mlflow_server
 from gpool.tracking import redact

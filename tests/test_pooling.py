@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpool import GpoolError
+from gpool.errors import GpoolError
 from gpool.pooling import (
     AttentionPool,
     GeMPool,

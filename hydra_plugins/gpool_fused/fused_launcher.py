@@ -28,9 +28,9 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, open_dict
 
 import gpool.engine
-from gpool import GpoolError
 from gpool.config import build as build_object
 from gpool.config import check_values, override_key
+from gpool.errors import GpoolError
 from gpool.model import build_model
 from gpool.stacking import kept_buffers
 from gpool.tracking import store_failed

@@ -31,8 +31,8 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig
 
-from gpool import GpoolError
 from gpool.config import override_key
+from gpool.errors import GpoolError
 from gpool.sweep import GroupSweeper, swept_keys
 
 log = logging.getLogger(__name__)
