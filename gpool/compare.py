@@ -37,14 +37,25 @@ from scipy.stats import t as student_t
 from gpool import PROJECT_ROOT, stats
 from gpool.config import GROUPS, compose_config
 from gpool.errors import GpoolError
+from gpool.names import (
+    COMPARISON_CURVES_FILE,
+    COMPARISON_DIR,
+    EXPECTED_JOBS_TAG,
+    FAILURE_TAG,
+    FOREST_FILE,
+    PAIRWISE_FILE,
+    REPORT_FILE,
+    ROLE_TAG,
+    TABLE_FILE,
+)
 from gpool.plots import LEADER, plot_forest, plot_group_curves, plot_pairwise
 from gpool.predictions import ImageScores, fetch_image_scores
-from gpool.resume import affects_result, one_per_config
-from gpool.tracking import (
-    EXPECTED_JOBS_TAG,
-    ROLE_TAG,
+from gpool.resume import affects_result
+from gpool.store import (
     metric_histories,
+    one_per_config,
     open_store,
+    search_all,
     sweep_jobs,
     sweeps,
 )
@@ -326,7 +337,7 @@ def select_runs(
         elif parent is not None:
             sweep = client.get_run(parent)
         else:
-            runs = client.search_runs([exp.experiment_id], filter_string, max_results=10000)
+            runs = search_all(client, [exp.experiment_id], filter_string)
             return None, one_per_config(r for r in runs if ROLE_TAG not in r.data.tags)
     except MlflowException as err:  # an unknown run id, a malformed filter
         raise GpoolError(err.message) from None
@@ -339,7 +350,7 @@ def missing_jobs(parent: Run | None, runs: Sequence[Run]) -> list[str]:
     lines = []
     for run in runs:
         if run.info.status != "FINISHED":
-            failure = run.data.tags.get("failure", "").splitlines()[:1]
+            failure = run.data.tags.get(FAILURE_TAG, "").splitlines()[:1]
             lines.append(f"{run.info.run_name}: {': '.join([run.info.status, *failure])}")
         elif "val_acc" not in run.data.metrics:
             lines.append(f"{run.info.run_name}: FINISHED without val_acc (no gpool training run)")
@@ -710,8 +721,8 @@ def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
     """comparison.md, .csv and .png (curves) in `out`, and for two groups or more
     forest.png (the ranking and its answers) and pairwise.png; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(report)
-    with (out / "comparison.csv").open("w", newline="") as f:
+    (out / REPORT_FILE).write_text(report)
+    with (out / TABLE_FILE).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(comparison.summary[0]))
         writer.writeheader()
         writer.writerows(comparison.summary)
@@ -722,16 +733,16 @@ def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
         }
         for g in comparison.groups
     }
-    paths = [out / "comparison.md", out / "comparison.csv"]
-    paths.append(plot_group_curves(curves, out / "comparison.png"))
+    paths = [out / REPORT_FILE, out / TABLE_FILE]
+    paths.append(plot_group_curves(curves, out / COMPARISON_CURVES_FILE))
     if comparison.pairs:
         rows, split = forest_rows(comparison), comparison.groups[0].split
         interval = f"its {ci_label(comparison.alpha)}"
         paths.append(
-            plot_forest(rows, comparison.margin, f"{split} acc", interval, out / "forest.png")
+            plot_forest(rows, comparison.margin, f"{split} acc", interval, out / FOREST_FILE)
         )
         names = [r["group"] for r in rows]
-        paths.append(plot_pairwise(names, pairwise_cells(comparison.pairs), out / "pairwise.png"))
+        paths.append(plot_pairwise(names, pairwise_cells(comparison.pairs), out / PAIRWISE_FILE))
     return paths
 
 
@@ -815,7 +826,7 @@ def publish(client: MlflowClient, parent: Run, comparison: Comparison, paths: li
     what to print about it (see gpool.ui)."""
     run_id = parent.info.run_id
     for path in paths:
-        client.log_artifact(run_id, str(path), "comparison")
+        client.log_artifact(run_id, str(path), COMPARISON_DIR)
     client.set_tag(run_id, MLFLOW_RUN_NOTE, comparison.note())
     now = int(time.time() * 1000)
     metrics = []

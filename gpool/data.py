@@ -27,6 +27,7 @@ from torch import Tensor
 from torchvision.datasets import MNIST, ImageFolder
 
 from gpool.errors import GpoolError
+from gpool.names import TEST_CONTEXT, TRAIN_CONTEXT, VAL_CONTEXT
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,9 @@ class ImageData:
 
     def splits(self) -> dict[str, tuple[str, int]]:
         """{MLflow dataset context: (digest, images)} of the splits a run reads."""
-        named = {"training": self.train, "validation": self.val}
+        named = {TRAIN_CONTEXT: self.train, VAL_CONTEXT: self.val}
         if self.test is not None:
-            named["testing"] = self.test
+            named[TEST_CONTEXT] = self.test
         return {context: (split.digest(), len(split)) for context, split in named.items()}
 
     def batch(self, split: Split, index: Tensor | slice) -> tuple[Tensor, Tensor]:

@@ -32,14 +32,13 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from gpool.names import PREDICTIONS_DIR, SPLIT_CONTEXTS
+
 if TYPE_CHECKING:
     from torch import Tensor
 
-ARTIFACT_DIR = "predictions"
 #: The most bytes read of one predictions file: a million images, far from filling a disk.
 MOST_BYTES = 4 * 2**20
-#: The MLflow dataset context (gpool.data.ImageData.splits) of each split runs score.
-CONTEXTS = {"val": "validation", "test": "testing"}
 
 
 def file_name(split: str) -> str:
@@ -95,10 +94,10 @@ def scored_images(run: Run, split: str) -> int | str:
     sizes = set()
     for dataset_input in run.inputs.dataset_inputs if run.inputs else []:
         contexts = {t.value for t in dataset_input.tags if t.key == MLFLOW_DATASET_CONTEXT}
-        if CONTEXTS[split] in contexts:
+        if SPLIT_CONTEXTS[split] in contexts:
             sizes.add(json.loads(dataset_input.dataset.profile or "{}").get("num_images"))
     if len(sizes) != 1 or not isinstance(images := sizes.pop(), int) or images < 1:
-        return f"its logged {CONTEXTS[split]} dataset does not say how many images it scored"
+        return f"its logged {SPLIT_CONTEXTS[split]} dataset does not say how many images it scored"
     params = run.data.params
     limit = params.get("trainer.limit_val_batches", "None")
     batch = params.get("trainer.eval_batch_size", "")
@@ -123,12 +122,12 @@ def fetch_image_scores(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # By the run's artifact URI (the store's, not a tag), not its id: the client's calls by
     # run id fetch the run again each time, 3 requests more per run over a server.
-    folder_uri = f"{run.info.artifact_uri}/{ARTIFACT_DIR}"
+    folder_uri = f"{run.info.artifact_uri}/{PREDICTIONS_DIR}"
     try:
         repo = get_artifact_repository(folder_uri, tracking_uri=client.tracking_uri)
         sizes = {Path(a.path).name: a.file_size for a in repo.list_artifacts()}
     except (MlflowException, OSError) as err:
-        why = f"{ARTIFACT_DIR}/ unreadable ({str(err).splitlines()[0][:200]})"
+        why = f"{PREDICTIONS_DIR}/ unreadable ({str(err).splitlines()[0][:200]})"
         return dict.fromkeys(finals, why)
     return {
         split: read_scores(repo, sizes, split, score, scored_images(run, split))
@@ -145,7 +144,7 @@ def read_scores(
 ) -> ImageScores | str:
     """The scores in `split`'s file of the listed folder `repo`, which must hold `images`
     images (or why their number is unknown) (see fetch_image_scores)."""
-    name = f"{ARTIFACT_DIR}/{file_name(split)}"
+    name = f"{PREDICTIONS_DIR}/{file_name(split)}"
     if file_name(split) not in sizes:
         return f"no {name}"
     if isinstance(images, str):

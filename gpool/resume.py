@@ -20,7 +20,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,11 @@ from mlflow.tracking import MlflowClient
 
 from gpool.config import CONFIG_KEYS, GROUPS, flatten
 from gpool.errors import GpoolError
+from gpool.names import HOST_TAG, LAUNCHER_PID_ENV, PID_TAG, SLURM_JOB_TAG
+from gpool.store import previous_run, search_all
 
 log = logging.getLogger(__name__)
 
-#: Tag holding config_hash(): how a rerun finds the run of the same config.
-HASH_TAG = "gpool.config_hash"
-#: Tag holding the path of the run's latest checkpoint: information only, never read back.
-CHECKPOINT_TAG = "gpool.checkpoint"
 #: Config keys (and prefixes) left out of config_hash and of gpool.compare's factors: where
 #: and how a run executes (a CUDA graph replays the same step), not what it computes.
 NOT_RESULT_KEYS = (
@@ -48,9 +46,6 @@ NOT_RESULT_KEYS = (
     "trainer.resume",
     "trainer.cuda_graph",
 )
-#: Set by a sweep's launching process: its pid, so that job processes it started can
-#: notice when it dies (SIGKILL) and stop instead of training on for nobody.
-LAUNCHER_PID_ENV = "GPOOL_LAUNCHER_PID"
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -160,26 +155,6 @@ def watch_launcher(launcher: int, grace_seconds: float) -> None:
 # --- earlier runs of the same config ------------------------------------------------------
 
 
-def one_per_config(runs: Iterable[Run]) -> list[Run]:
-    """One run per config, oldest first. Where a config has several runs (a retrain with
-    trainer.resume=false, or a run stopped before its first checkpoint and started afresh),
-    its newest FINISHED one, else its newest: a seed is never counted twice, and a run that
-    a later one replaced is not reported as missing."""
-    by_config: dict[str, Run] = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):
-        config = run.data.tags.get(HASH_TAG, run.info.run_id)
-        kept = by_config.get(config)
-        if kept is None or run.info.status == "FINISHED" or kept.info.status != "FINISHED":
-            by_config[config] = run
-    return sorted(by_config.values(), key=lambda r: r.info.start_time)
-
-
-def previous_run(client: MlflowClient, experiment_id: str, fingerprint: str) -> Run | None:
-    """The run of this config that counts (one_per_config), or None."""
-    runs = client.search_runs([experiment_id], f"tags.`{HASH_TAG}` = '{fingerprint}'")
-    return next(iter(one_per_config(runs)), None)
-
-
 def slurm_job() -> str | None:
     """This process's SLURM job (array job_task), which a requeued job keeps."""
     if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
@@ -189,15 +164,15 @@ def slurm_job() -> str | None:
 
 def process_tags() -> dict[str, str]:
     """Where this process runs: what is_alive later checks."""
-    tags = {"gpool.host": socket.gethostname(), "gpool.pid": str(os.getpid())}
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if job := slurm_job():
-        tags["gpool.slurm_job"] = job
+        tags[SLURM_JOB_TAG] = job
     return tags
 
 
 def on_this_host(run: Run) -> bool:
     """Whether the run's process was started on this machine (its pid means something here)."""
-    return run.data.tags.get("gpool.host") == socket.gethostname()
+    return run.data.tags.get(HOST_TAG) == socket.gethostname()
 
 
 def is_alive(run: Run) -> bool:
@@ -208,17 +183,17 @@ def is_alive(run: Run) -> bool:
     alive.
     """
     tags = run.data.tags
-    if tags.get("gpool.slurm_job") and tags["gpool.slurm_job"] == slurm_job():
+    if tags.get(SLURM_JOB_TAG) and tags[SLURM_JOB_TAG] == slurm_job():
         return False
     if not on_this_host(run):
         return True
     try:
-        os.kill(int(tags.get("gpool.pid", "0")), 0)
+        os.kill(int(tags.get(PID_TAG, "0")), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError):
         return True
-    return int(tags["gpool.pid"]) != os.getpid()
+    return int(tags[PID_TAG]) != os.getpid()
 
 
 def alive_at(run: Run, deadline: float) -> bool:
@@ -236,7 +211,7 @@ def mark_dead_runs_killed(client: MlflowClient) -> None:
     """End every RUNNING run of the store whose process is gone (SIGKILL, a lost node's
     requeued job) as KILLED: nothing stays RUNNING past the next gpool command on it."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'"):
+    for run in search_all(client, experiments, "attributes.status = 'RUNNING'"):
         if not is_alive(run):
             log.info("MLflow run %s's process is gone: marking it KILLED", run.info.run_id)
             client.set_terminated(run.info.run_id, "KILLED")
@@ -317,7 +292,7 @@ def resume_point(
         if is_alive(previous):
             raise GpoolError(
                 f"this config is already running as MLflow run {previous.info.run_id} (pid "
-                f"{tags.get('gpool.pid')} on {tags.get('gpool.host')}); wait for it, or pass "
+                f"{tags.get(PID_TAG)} on {tags.get(HOST_TAG)}); wait for it, or pass "
                 "trainer.resume=false to train it again in a new run"
             )
         client.set_terminated(previous.info.run_id, "KILLED")  # never RUNNING forever

@@ -30,7 +30,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from gpool import predictions
-from gpool.resume import HASH_TAG
+from gpool.names import HASH_TAG, PREDICTIONS_DIR, VAL_CONTEXT
+from gpool.tracking import dataset_inputs
 
 HEADS = 7
 EPOCHS = 4
@@ -57,11 +58,12 @@ def log_simulated_run(client: MlflowClient, experiment_id: str, head: int, seed:
         for key, gap in (("val_acc", 0.01), ("train_acc", 0.008))
     ]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param("seed", str(seed))])
+    client.log_inputs(run.info.run_id, dataset_inputs("simulated", {VAL_CONTEXT: ("0", IMAGES)}))
     with tempfile.TemporaryDirectory() as folder:
         path = predictions.save(
             Path(folder), "val", torch.from_numpy(predicted), torch.from_numpy(labels)
         )
-        client.log_artifact(run.info.run_id, str(path), predictions.ARTIFACT_DIR)
+        client.log_artifact(run.info.run_id, str(path), PREDICTIONS_DIR)
     client.set_terminated(run.info.run_id)
 
 

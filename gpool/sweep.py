@@ -31,8 +31,19 @@ from gpool import stats
 from gpool.compare import ALPHA, MARGIN, publish_comparison
 from gpool.config import CONFIG_KEYS, check_values, override_key, unread_keys
 from gpool.errors import GpoolError
-from gpool.resume import (
+from gpool.names import (
+    COMPARISON_DIR,
+    EXPECTED_JOBS_TAG,
     LAUNCHER_PID_ENV,
+    OVERRIDES_TAG,
+    PARENT_RUN_ENV,
+    ROLE_TAG,
+    SWEEP_DIR_TAG,
+    SWEEP_KEY_TAG,
+    SWEEP_ROLE,
+    SWEPT_KEYS_ENV,
+)
+from gpool.resume import (
     affects_result,
     alive_at,
     claim,
@@ -42,21 +53,16 @@ from gpool.resume import (
     mark_dead_runs_killed,
     process_tags,
 )
-from gpool.tracking import (
-    EXPECTED_JOBS_TAG,
-    PARENT_RUN_ENV,
-    ROLE_TAG,
-    SWEEP_KEY_TAG,
-    SWEPT_KEYS_ENV,
+from gpool.store import (
     experiment_id,
     first_line,
-    git_commit,
     open_store,
     redact,
     store_uri,
     sweep_jobs,
     sweeps,
 )
+from gpool.tracking import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +207,6 @@ def expected_jobs(config: DictConfig) -> int | None:
         return None
 
 
-#: Tag of a decide sweep's parent run: whether, and after how many seeds, it was decided.
-DECIDED_TAG = "gpool.decided"
-
-
 def schedule(config: DictConfig) -> list[int]:
     """A decide sweep's seeds per group after each round (hydra/sweeper=decide), checked."""
     sweeper = config.hydra.sweeper
@@ -311,10 +313,10 @@ class SweepTracking(Callback):
         overrides = redact(" ".join(config.hydra.overrides.task))
         key = sweep_key(config)
         tags = {
-            ROLE_TAG: "sweep",
+            ROLE_TAG: SWEEP_ROLE,
             SWEEP_KEY_TAG: redact(key),
-            "sweep_dir": str(config.hydra.sweep.dir),
-            "overrides": overrides,
+            SWEEP_DIR_TAG: str(config.hydra.sweep.dir),
+            OVERRIDES_TAG: overrides,
             **process_tags(),
         }
         if jobs := expected_jobs(config):
@@ -401,7 +403,7 @@ class SweepTracking(Callback):
         try:
             if completed or status != "KILLED":  # a stopped sweep is not over: no verdict
                 assert self.sweep_dir is not None
-                out = self.sweep_dir / "comparison"
+                out = self.sweep_dir / COMPARISON_DIR
                 self.state_the_verdict(client, run_id, out, self.margin, self.alpha, self.tune)
         finally:  # whatever the comparison met, the sweep's run does not stay RUNNING
             client.set_terminated(run_id, status)

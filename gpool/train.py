@@ -34,12 +34,29 @@ from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, 
 from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
 from gpool.errors import GpoolError
 from gpool.model import build_model
+from gpool.names import (
+    CHECKPOINT_TAG,
+    CLASS_MAPS_FILE,
+    CLASS_MAPS_KEY,
+    CONFIG_FILE,
+    CONFUSION_FILE,
+    CONFUSION_REPORT,
+    CURVES_FILE,
+    DEVICE_TAG,
+    EAGER_TAG,
+    FUSED_GROUP_TAG,
+    FUSED_SIZE_TAG,
+    HASH_TAG,
+    HYDRA_DIR,
+    PREDICTIONS_DIR,
+    SECONDS_TAG,
+    SWEPT_KEYS_ENV,
+    THREADS_TAG,
+    WEIGHTS_FILE,
+)
 from gpool.plots import plot_class_maps, plot_confusion, plot_curves
-from gpool.predictions import ARTIFACT_DIR
 from gpool.predictions import save as save_predictions
 from gpool.resume import (
-    CHECKPOINT_TAG,
-    HASH_TAG,
     StopOnSignal,
     checkpoint_path,
     claim,
@@ -48,18 +65,8 @@ from gpool.resume import (
     stop_with_launcher,
 )
 from gpool.stacking import StackedModel
-from gpool.tracking import (
-    EAGER_TAG,
-    SECONDS_TAG,
-    SWEPT_KEYS_ENV,
-    Tracker,
-    experiment_id,
-    open_store,
-    redact,
-    register_job,
-    store_failed,
-    tags_for,
-)
+from gpool.store import experiment_id, open_store, redact, register_job, store_failed
+from gpool.tracking import Tracker, tags_for
 
 log = logging.getLogger("gpool.train")
 
@@ -161,7 +168,7 @@ def log_diagnostics(
     true class of each validation (and test) image: what an interval over the images as
     well as the seeds needs (gpool.predictions)."""
     job_dir = job.output_dir
-    torch.save(model.state_dict(), job_dir / "model.pt")
+    torch.save(model.state_dict(), job_dir / WEIGHTS_FILE)
     splits = {"val": data.val} if data.test is None else {"val": data.val, "test": data.test}
     # The images each accuracy scored (trainer.limit_val_batches), and only those: a
     # ResNet-18 spent 55 s predicting the 10,000 test images of a run that scored 5,000.
@@ -179,17 +186,17 @@ def log_diagnostics(
         "matrix": matrix.tolist(),
         "per_class_accuracy": dict(zip(data.classes, per_class_accuracy(matrix), strict=True)),
     }
-    run.log_text(json.dumps(report, indent=1), "confusion_matrix.json")
+    run.log_text(json.dumps(report, indent=1), CONFUSION_REPORT)
     example, _ = data.batch(data.val, torch.arange(min(4, len(data.val)), device=trainer.device))
     if job.cfg.mlflow.log_model:
         run.log_model(model, example.contiguous(), len(member.history))
-    run.log_artifacts(files, ARTIFACT_DIR)
+    run.log_artifacts(files, PREDICTIONS_DIR)
     run.log_artifacts(
         [
-            job_dir / "model.pt",
-            plot_curves(member.history, job_dir / "curves.png", run.run_name),
+            job_dir / WEIGHTS_FILE,
+            plot_curves(member.history, job_dir / CURVES_FILE, run.run_name),
             plot_maps(model, data, job),
-            plot_confusion(matrix, data.classes, job_dir / "confusion_matrix.png"),
+            plot_confusion(matrix, data.classes, job_dir / CONFUSION_FILE),
         ]
     )
 
@@ -198,7 +205,7 @@ def plot_maps(model: nn.Module, data: ImageData, job: Job) -> Path:
     """class_maps.png in the job's folder: the maps that enter the pool for one fixed
     validation image per class, with true and predicted classes."""
     images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
-    path = job.output_dir / "class_maps.png"
+    path = job.output_dir / CLASS_MAPS_FILE
     return plot_class_maps(images, maps, labels.tolist(), predicted.tolist(), data.classes, path)
 
 
@@ -329,11 +336,11 @@ def train_members(
     # How the runs were trained: bit for bit reproducible only on the same device, thread
     # count and fused group; across them only statistically the same (README, Guarantees).
     names = None
-    group = {"gpool.device": str(trainer.device), "gpool.threads": str(torch.get_num_threads())}
+    group = {DEVICE_TAG: str(trainer.device), THREADS_TAG: str(torch.get_num_threads())}
     if len(jobs) > 1:
         names = [job.run_name for job in jobs]
         key = hashlib.sha256(" ".join(sorted(j.fingerprint for j in jobs)).encode()).hexdigest()
-        group.update({"gpool.fused_group": key[:16], "gpool.fused_size": str(len(jobs))})
+        group.update({FUSED_GROUP_TAG: key[:16], FUSED_SIZE_TAG: str(len(jobs))})
     try:
         state = start(trainer, data, [job.cfg for job in jobs], names)
     except FusingFailed as err:  # before any run exists: each trains on its own
@@ -384,9 +391,9 @@ def train_runs(
         if state.members[n].history:
             run.log_missing_epochs(state.members[n].history)
         run.log_datasets(job.hydra.runtime.choices.dataset, splits)
-        run.log_text(OmegaConf.to_yaml(job.cfg, resolve=True), "config.yaml")
+        run.log_text(OmegaConf.to_yaml(job.cfg, resolve=True), CONFIG_FILE)
         for path in sorted((job.output_dir / ".hydra").glob("*.yaml")):
-            run.log_text(path.read_text(), f"hydra/{path.name}")
+            run.log_text(path.read_text(), f"{HYDRA_DIR}/{path.name}")
 
     def after_epoch(n: int, result: EpochResult) -> None:
         save_checkpoint(paths[n], state, n, metas[n])
@@ -394,7 +401,7 @@ def train_runs(
         every = jobs[n].cfg.mlflow.class_maps_every_n_epochs
         if every and result.epoch % every == 0:  # the UI's image slider shows them forming
             model = member_network(state, n, jobs[n].cfg, trainer)
-            runs[n].log_image(plot_maps(model, data, jobs[n]), "class_maps", result.epoch)
+            runs[n].log_image(plot_maps(model, data, jobs[n]), CLASS_MAPS_KEY, result.epoch)
 
     def eager(why: str) -> None:  # the steps could not be captured (see Trainer.steps)
         for run in runs:

@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from gpool.config import GROUPS
-from gpool.tracking import redact
+from gpool.store import redact
 
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 LOCAL_UI = "http://127.0.0.1:5000"

@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
 from gpool.config import compose_config, threads_per_job
+from gpool.names import ROLE_TAG
 from gpool.resume import is_alive
 from gpool.storebench import mlflow_server
-from gpool.tracking import ROLE_TAG
 
 pytestmark = pytest.mark.process
 

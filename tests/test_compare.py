@@ -35,7 +35,7 @@ from scipy import stats
 from statsmodels.stats.power import TTestPower
 
 from gpool import stats as gstats
-from gpool import tracking
+from gpool import store as gstore
 from gpool.compare import (
     Comparison,
     Group,
@@ -48,13 +48,14 @@ from gpool.compare import (
     mean_std_ci,
     pairwise_cells,
     pairwise_rows,
+    select_runs,
     summary_rows,
     write_report,
 )
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
+from gpool.store import metric_histories
 from gpool.storebench import mlflow_server
-from gpool.tracking import metric_histories
 from gpool.ui import LOCAL_UI, share_comparison
 
 if TYPE_CHECKING:
@@ -463,8 +464,8 @@ def test_histories_over_a_server_come_in_bulk_and_match_the_store(
         requests.append(args)
         return http_request(*args, **kwargs)
 
-    monkeypatch.setattr(tracking, "BULK_RUNS", 4)
-    monkeypatch.setattr(tracking, "http_request", counted)
+    monkeypatch.setattr(gstore, "BULK_RUNS", 4)
+    monkeypatch.setattr(gstore, "http_request", counted)
     histories = metric_histories(MlflowClient(server), ids, "val_acc")
     assert len(requests) == 2
     for run_id in ids:
@@ -474,6 +475,20 @@ def test_histories_over_a_server_come_in_bulk_and_match_the_store(
             (m.step, m.value) for m in logged
         )
         assert len(served) == 2
+
+
+def test_a_selection_larger_than_a_page_is_read_whole(sweep: Path, monkeypatch) -> None:
+    """MLflow answers a search a page at a time (gpool asks for 10,000 runs a page): an
+    experiment of more runs than a page is compared whole. Here pages of 4 runs."""
+    client = store(sweep)
+    parent = next(r for r in client.search_runs(["1"]) if "gpool.role" in r.data.tags)
+    monkeypatch.setattr(gstore, "PAGE", 4)
+    assert len(gstore.search_all(client, ["1"])) == 7  # 6 jobs and their sweep
+    assert len(gstore.sweep_jobs(client, parent)) == 6
+    _, runs = select_runs(client, "gpool", None, "")
+    assert sorted(r.info.run_name for r in runs) == [
+        f"pool={pool} seed={seed}" for pool in ("avg", "max") for seed in range(3)
+    ]
 
 
 def test_compare_over_a_server_imports_no_torch_and_agrees_with_the_store(
@@ -489,7 +504,7 @@ def test_compare_over_a_server_imports_no_torch_and_agrees_with_the_store(
     assert served.returncode == 0, served.stderr[-2000:]
     lines = [line for line in served.stderr.splitlines() if line.startswith("import time:")]
     imported = {line.rsplit("|", 1)[-1].strip() for line in lines}
-    assert {"gpool.stats", "gpool.tracking", "mlflow"} <= imported
+    assert {"gpool.stats", "gpool.store", "mlflow"} <= imported
     assert not {module for module in imported if module.split(".")[0] == "torch"}
     assert compare(sweep, tmp_path / "local", "--experiment", "gpool").returncode == 0
     table = "comparison.csv"

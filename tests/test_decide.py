@@ -11,7 +11,7 @@ import pytest
 from conftest import SHORT, job_runs, run_gpool, sweep_runs
 
 from gpool import stats
-from gpool.sweep import DECIDED_TAG
+from gpool.names import DECIDED_TAG
 
 ALPHA = 0.05
 SWEEPS = 4000

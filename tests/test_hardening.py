@@ -46,9 +46,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from gpool.errors import GpoolError
-from gpool.resume import CHECKPOINT_TAG, claim
+from gpool.names import CHECKPOINT_TAG
+from gpool.resume import claim
+from gpool.store import redact
 from gpool.storebench import mlflow_server
-from gpool.tracking import redact
 
 pytestmark = pytest.mark.process
 

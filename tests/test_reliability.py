@@ -22,9 +22,10 @@ from conftest import (
     sweep_runs,
 )
 
-from gpool.resume import HASH_TAG
+from gpool.names import HASH_TAG
+from gpool.store import experiment_id, open_store
 from gpool.storebench import free_port
-from gpool.tracking import Tracker, experiment_id, open_store
+from gpool.tracking import Tracker
 
 pytestmark = pytest.mark.process
 

@@ -326,7 +326,7 @@ def preload() -> None:
     SQLAlchemy store, Alembic's migrations: a second a command)."""
     for module in PRELOAD:
         __import__(module)
-    from gpool.tracking import open_store
+    from gpool.store import open_store
 
     with tempfile.TemporaryDirectory() as folder:
         open_store(f"sqlite:///{folder}/warm.db", create=True)

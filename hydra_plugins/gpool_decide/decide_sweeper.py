@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 
 from gpool import stats
 from gpool.compare import compare_jobs
-from gpool.sweep import DECIDED_TAG, GroupSweeper, schedule, sequential_alpha
-from gpool.tracking import PARENT_RUN_ENV, store_uri, sweep_jobs
+from gpool.names import DECIDED_TAG, PARENT_RUN_ENV
+from gpool.store import store_uri, sweep_jobs
+from gpool.sweep import GroupSweeper, schedule, sequential_alpha
 
 log = logging.getLogger(__name__)
 

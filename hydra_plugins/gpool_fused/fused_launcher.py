@@ -33,7 +33,7 @@ from gpool.config import check_values, override_key
 from gpool.errors import GpoolError
 from gpool.model import build_model
 from gpool.stacking import kept_buffers
-from gpool.tracking import store_failed
+from gpool.store import store_failed
 
 if TYPE_CHECKING:  # imported where jobs run: gpool.train pulls in torchvision (2 s), and
     # Hydra's plugin scan imports this module wherever a config is composed (gpool.compare)
