@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from gpool.engine import EpochResult, TrainState
 from gpool.errors import GpoolError
 from gpool.stacking import StackedModel
+from gpool.state import EpochResult, TrainState
 
 
 class CheckpointError(GpoolError):

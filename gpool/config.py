@@ -7,12 +7,12 @@ values are refused before anything is built or logged.
 
 from __future__ import annotations
 
-import inspect
 import numbers
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, field, make_dataclass
+from dataclasses import field, make_dataclass
+from dataclasses import fields as dataclass_fields
 from functools import cache
 from math import inf
 from typing import Any, get_type_hints
@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpool import PROJECT_ROOT
 from gpool.errors import GpoolError
+from gpool.trainer_settings import TrainerSettings
 
 CONF_DIR = PROJECT_ROOT / "conf"
 #: MLflow's limit on a param's value; longer values are cut.
@@ -93,20 +94,14 @@ def register() -> None:
 
 @cache
 def register_trainer_schema() -> None:
-    """conf/trainer options extend this schema, generated from Trainer's signature, so that
-    Hydra rejects a wrong type (`trainer.epochs=ten`) or an unknown key when composing,
-    before anything runs or is logged. Registered before the first composition (by
-    compose_config, and by gpool.train at import), not when this module is imported: the
-    engine imports torch, which gpool.compare, reading a store, does without."""
-    from gpool.engine import Trainer
-
-    hints = get_type_hints(Trainer.__init__)
-    fields: list[tuple[str, Any, Any]] = []
-    for name, parameter in inspect.signature(Trainer.__init__).parameters.items():
-        if name == "self":
-            continue
-        default = MISSING if parameter.default is inspect.Parameter.empty else parameter.default
-        fields.append((name, hints[name], field(default=default)))
+    """conf/trainer options extend this schema, generated from the Trainer's settings
+    (gpool.trainer_settings, torch-free), so that Hydra rejects a wrong type
+    (`trainer.epochs=ten`) or an unknown key when composing, before anything runs or is
+    logged."""
+    hints = get_type_hints(TrainerSettings)
+    fields: list[tuple[str, Any, Any]] = [
+        (f.name, hints[f.name], field(default=f.default)) for f in dataclass_fields(TrainerSettings)
+    ]
     fields.append(("_target_", str, field(default="gpool.engine.Trainer")))
     ConfigStore.instance().store(
         group="trainer", name="schema", node=make_dataclass("TrainerSchema", fields)

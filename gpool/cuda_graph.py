@@ -23,16 +23,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gpool.errors import GpoolError
-from gpool.stacking import kept_buffers
-
-if TYPE_CHECKING:
-    from gpool.engine import TrainPass, TrainState
+from gpool.model import kept_buffers
+from gpool.state import TrainPass, TrainState
 
 #: Steps run on a side stream before capture (allocator and library state settle).
 WARMUP_STEPS = 3
@@ -41,7 +39,7 @@ WARMUP_STEPS = 3
 CAPTURABLE = (torch.optim.Adam, torch.optim.AdamW)
 
 #: A step: (image index [members x batch], weights [1, batch], accumulators) -> losses.
-Step = Callable[[Tensor, Tensor, "TrainPass"], Tensor]
+Step = Callable[[Tensor, Tensor, TrainPass], Tensor]
 
 
 def blockers(device: torch.device, compile_mode: str | None, state: TrainState) -> list[str]:

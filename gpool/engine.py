@@ -13,9 +13,9 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from gpool.cuda_graph import GraphedSteps, Step, blockers, restored_on_error
 from gpool.errors import GpoolError
+from gpool.state import EpochResult, Member, Steps, Stop, TrainPass, TrainState
+from gpool.trainer_settings import TrainerSettings
 
 if TYPE_CHECKING:  # the data module pulls in torchvision (a second): not for a config's sake
     from gpool.data import ImageData, Split
@@ -34,113 +36,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(GpoolError):
     """The training loss became NaN or infinite; training further would only log garbage."""
-
-
-class Stop(Protocol):
-    """What the loop asks between steps: raise if the job was told to stop
-    (gpool.resume.StopOnSignal)."""
-
-    def check(self, where: str) -> None: ...
-
-
-@dataclass
-class EpochResult:
-    """What one epoch measured; `step_losses` holds (global step, loss) samples."""
-
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
-    lr: float
-    epoch_seconds: float
-    step_losses: list[tuple[int, float]] = field(default_factory=list)
-    test_loss: float | None = None  # with a holdout only: the test split, never selected on
-    test_acc: float | None = None
-
-    def metrics(self) -> dict[str, float]:
-        """The per-epoch metrics under the names they are logged with."""
-        metrics = {
-            "train_loss": self.train_loss,
-            "train_acc": self.train_acc,
-            "val_loss": self.val_loss,
-            "val_acc": self.val_acc,
-            "lr": self.lr,
-            "epoch_seconds": self.epoch_seconds,
-        }
-        if self.test_acc is not None:
-            metrics.update(test_loss=self.test_loss, test_acc=self.test_acc)
-        return metrics
-
-
-@dataclass
-class Member:
-    """One run being trained: its name in the log, its shuffling order, what it measured,
-    and why it stopped early (a NaN loss), if it did."""
-
-    name: str
-    generator: torch.Generator
-    history: list[EpochResult] = field(default_factory=list)
-    failure: GpoolError | None = None
-
-
-@dataclass
-class TrainState:
-    """Everything that changes while runs train: what a checkpoint saves and restores.
-
-    `model` is one network (one member) or a gpool.stacking.StackedModel of several members,
-    which takes and returns the members' batches one after the other ([members x batch]);
-    one optimizer and scheduler serve all members.
-    """
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any | None
-    scheduler_interval: str  # "step" or "epoch"
-    members: list[Member]
-    cuda_graph: bool = False  # steps captured and replayed (decided by Trainer.start)
-
-
-@dataclass
-class TrainPass:
-    """One epoch's training pass, per member, still on the device: read after the epoch."""
-
-    loss_sum: Tensor  # [members]
-    correct: Tensor  # [members]
-    seen: int  # images per member
-    samples: list[tuple[int, Tensor]]  # (global step, [members] losses)
-
-    @classmethod
-    def zeros(cls, members: int, seen: int, device: torch.device) -> TrainPass:
-        return cls(
-            loss_sum=torch.zeros(members, device=device),
-            correct=torch.zeros(members, dtype=torch.int64, device=device),
-            seen=seen,
-            samples=[],
-        )
-
-    def read(self) -> list[tuple[float, float]]:
-        """Each member's mean loss and accuracy (one host sync for all)."""
-        pairs = zip(self.loss_sum.tolist(), self.correct.tolist(), strict=True)
-        return [(loss / self.seen, correct / self.seen) for loss, correct in pairs]
-
-    def step_losses(self) -> list[list[tuple[int, float]]]:
-        """Each member's sampled (global step, loss) pairs (one host sync for all)."""
-        if not self.samples:
-            return [[] for _ in range(self.loss_sum.shape[0])]
-        steps = [step for step, _ in self.samples]
-        rows = torch.stack([losses for _, losses in self.samples], 1).tolist()
-        return [list(zip(steps, row, strict=True)) for row in rows]
-
-
-class Steps(Protocol):
-    """Runs an epoch's training steps: EagerSteps, or gpool.cuda_graph.GraphedSteps."""
-
-    def begin(self, order: Tensor) -> TrainPass: ...
-
-    def step(self) -> Tensor: ...
-
-    def end(self) -> None: ...
 
 
 class EagerSteps:
@@ -165,21 +60,6 @@ class EagerSteps:
 
     def end(self) -> None:
         """Nothing to put back."""
-
-
-#: torch.compile's modes (trainer.compile also takes true, the default mode, or false).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def compile_mode(value: str | bool) -> str | None:
-    """trainer.compile as torch.compile's mode, or None for no compilation."""
-    value = str(value).lower()
-    if value in ("false", "true"):
-        return "default" if value == "true" else None
-    if value not in COMPILE_MODES:
-        modes = ", ".join(COMPILE_MODES)
-        raise GpoolError(f"trainer.compile must be false, true or one of {modes}, not {value}")
-    return value
 
 
 def seed_everything(seed: int) -> None:
@@ -216,63 +96,18 @@ def fusing_blockers(device: str) -> list[str]:
     return []
 
 
-def at_least(minimum: int, **values: int | None) -> None:
-    """Refuse a count below `minimum` (None means "no limit" and passes)."""
-    for key, value in values.items():
-        if value is not None and value < minimum:
-            raise GpoolError(f"trainer.{key} must be >= {minimum}, not {value}")
+@dataclass
+class Trainer(TrainerSettings):
+    """Fits a model on an ImageData; one instance per run, built from conf/trainer
+    (TrainerSettings: its keys and their checks). Once built, `device` is the torch device
+    it names, and torch runs `threads` threads when set."""
 
-
-class Trainer:
-    """Fits a model on an ImageData; one instance per run, built from conf/trainer."""
-
-    def __init__(
-        self,
-        epochs: int,
-        batch_size: int = 64,
-        eval_batch_size: int = 1000,
-        device: str = "auto",
-        shuffle: bool = True,
-        limit_train_batches: int | None = None,
-        limit_val_batches: int | None = None,
-        log_every_n_steps: int = 50,
-        init: str = "default",
-        train_eval_pass: bool = False,
-        channels_last: bool = True,
-        precision: str = "32",
-        compile: str = "false",
-        cuda_graph: str = "auto",
-        threads: int | None = None,
-        resume: bool = True,
-    ) -> None:
-        if precision not in ("32", "bf16"):
-            raise GpoolError(f"trainer.precision must be '32' or 'bf16', not {precision!r}")
-        cuda_graph = str(cuda_graph).lower()
-        if cuda_graph not in ("auto", "true", "false"):
-            raise GpoolError(f"trainer.cuda_graph must be auto, true or false, not {cuda_graph}")
-        if init not in ("default", "xavier"):
-            raise GpoolError(f"trainer.init must be 'default' or 'xavier', not {init!r}")
-        at_least(1, epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size)
-        at_least(1, log_every_n_steps=log_every_n_steps, threads=threads)
-        at_least(1, limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches)
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.device = resolve_device(device)
-        self.shuffle = shuffle
-        self.limit_train_batches = limit_train_batches
-        self.limit_val_batches = limit_val_batches
-        self.log_every_n_steps = log_every_n_steps
-        self.init = init
-        self.train_eval_pass = train_eval_pass
-        self.channels_last = channels_last
-        self.precision = precision
-        self.compile = compile_mode(compile)
-        self.cuda_graph = cuda_graph
-        self.resume = resume
-        if threads:
-            torch.set_num_threads(threads)
-        if cuda_graph == "true" and self.device.type != "cuda":
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.device = resolve_device(self.device)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.cuda_graph == "true" and self.device.type != "cuda":
             raise GpoolError(
                 f"trainer.cuda_graph=true needs a CUDA device, not {self.device.type}; "
                 "use trainer.cuda_graph=auto (captured on a GPU, eager elsewhere)"

@@ -1,6 +1,7 @@
 """Networks with a pluggable global pooling head (conf/model, conf/pool): any backbone's
-feature maps, then the head (PooledNet), and the article's convnet. Fused sweeps stack
-them (gpool.stacking)."""
+feature maps, then the head (PooledNet), and the article's convnet; what a network is made
+of (its TRUNK and HEAD, the state it keeps besides its weights). Fused sweeps stack them
+(gpool.stacking)."""
 
 from collections.abc import Sequence
 
@@ -10,7 +11,20 @@ from torch import Tensor, nn
 
 from gpool.config import build
 from gpool.errors import GpoolError
-from gpool.stacking import HEAD, TRUNK
+
+#: A network's parts in the order its forward applies them: the trunk, images to the maps the
+#: pool sees, is the same for every head (one Stack for all members of a fused group); the
+#: head, maps to scores, is what differs (one Stack per kind of head).
+TRUNK = ("features", "classifier")
+
+HEAD = ("pool", "head", "activation")
+
+
+def kept_buffers(network: nn.Module) -> list[str]:
+    """The state a network keeps besides its parameters (BatchNorm's running statistics):
+    what a stack cannot hold per member, and what a padded batch would change."""
+    parameters = {name for name, _ in network.named_parameters()}
+    return [name for name in network.state_dict() if name not in parameters]
 
 
 class PooledNet(nn.Module):

@@ -19,7 +19,7 @@ from gpool import stats  # noqa: E402
 if TYPE_CHECKING:  # hints only: gpool.compare draws its figures without importing torch
     from torch import Tensor
 
-    from gpool.engine import EpochResult
+    from gpool.state import EpochResult
 
 #: The most classes a figure draws one by one: a 120-class dataset once took 4 minutes and
 #: 6.4 GB to draw 120 x 121 class-map panels. Past it, the first MAX_DRAWN classes.

@@ -1,7 +1,6 @@
 """Several runs' networks trained as one model (fused sweeps, hydra/launcher=fused): one
-stacked trunk for every member, one stack per kind of head. Apart from gpool.model so
-that the engine and the CUDA-graph code can ask what a network keeps without importing
-the config machinery."""
+stacked trunk for every member, one stack per kind of head (what a network is made of, its
+TRUNK and HEAD, is gpool.model's)."""
 
 import copy
 from collections import OrderedDict
@@ -11,18 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-#: A network's parts in the order its forward applies them: the trunk, images to the maps the
-#: pool sees, is the same for every head (one Stack for all members of a fused group); the
-#: head, maps to scores, is what differs (one Stack per kind of head).
-TRUNK = ("features", "classifier")
-HEAD = ("pool", "head", "activation")
-
-
-def kept_buffers(network: nn.Module) -> list[str]:
-    """The state a network keeps besides its parameters (BatchNorm's running statistics):
-    what a stack cannot hold per member, and what a padded batch would change."""
-    parameters = {name for name, _ in network.named_parameters()}
-    return [name for name in network.state_dict() if name not in parameters]
+from gpool.model import HEAD, TRUNK, kept_buffers
 
 
 def part(network: nn.Module, names: Sequence[str]) -> nn.Sequential:

@@ -53,7 +53,7 @@ from gpool.store import first_line, redact, register_job
 if TYPE_CHECKING:  # hints only: gpool.compare reads a store without importing torch
     from torch import Tensor, nn
 
-    from gpool.engine import EpochResult
+    from gpool.state import EpochResult
 
 log = logging.getLogger(__name__)
 

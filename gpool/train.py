@@ -31,7 +31,7 @@ from gpool.config import build as build_object
 from gpool.config import check_values, override_key, register
 from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
-from gpool.engine import EpochResult, Member, Trainer, TrainState, seed_everything
+from gpool.engine import Trainer, seed_everything
 from gpool.errors import GpoolError
 from gpool.model import build_model
 from gpool.names import (
@@ -65,6 +65,7 @@ from gpool.resume import (
     stop_with_launcher,
 )
 from gpool.stacking import StackedModel
+from gpool.state import EpochResult, Member, TrainState
 from gpool.store import experiment_id, open_store, redact, register_job, store_failed
 from gpool.tracking import Tracker, tags_for
 

@@ -15,9 +15,10 @@ from hydra.utils import instantiate
 from gpool.config import compose_config as make_cfg
 from gpool.cuda_graph import LiveValues, blockers, cycles_momentum
 from gpool.data import ImageData
-from gpool.engine import EpochResult, NonFiniteLossError, Trainer, seed_everything
+from gpool.engine import NonFiniteLossError, Trainer, seed_everything
 from gpool.errors import GpoolError
 from gpool.model import build_model
+from gpool.state import EpochResult
 from gpool.train import start
 
 

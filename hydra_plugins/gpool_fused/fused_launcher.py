@@ -31,8 +31,7 @@ import gpool.engine
 from gpool.config import build as build_object
 from gpool.config import check_values, override_key
 from gpool.errors import GpoolError
-from gpool.model import build_model
-from gpool.stacking import kept_buffers
+from gpool.model import build_model, kept_buffers
 from gpool.store import store_failed
 
 if TYPE_CHECKING:  # imported where jobs run: gpool.train pulls in torchvision (2 s), and
