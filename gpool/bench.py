@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
+from gpool.build import start
 from gpool.config import build as build_object
 from gpool.config import compose_config
 from gpool.data import ImageData
@@ -42,7 +43,6 @@ from gpool.engine import Trainer, seed_everything
 from gpool.model import PooledNet, build_model
 from gpool.profiling import KINDS, profile_groups
 from gpool.storebench import compare_over_server
-from gpool.train import start
 
 
 @dataclass

@@ -51,6 +51,7 @@ from gpool.names import (
 from gpool.plots import LEADER, plot_forest, plot_group_curves, plot_pairwise
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result
+from gpool.stats import ALPHA, MARGIN, POWER
 from gpool.store import (
     metric_histories,
     one_per_config,
@@ -61,15 +62,10 @@ from gpool.store import (
 )
 from gpool.ui import share_comparison, ui_pointer
 
-ALPHA = 0.05
 #: Parallel requests while reading runs' predictions (a listing and a download a run).
 FETCHERS = 16
 #: The metrics read back as a run's curves, in RunCurves' order.
 CURVES = ("val_acc", "train_acc", "test_acc")
-#: The power at which the detectable difference and the seeds needed are stated.
-POWER = 0.8
-#: The practical margin (points of accuracy) within which two heads count as equivalent.
-MARGIN = 0.5
 
 
 @dataclass

@@ -84,18 +84,6 @@ def resolve_device(device: str) -> torch.device:
         raise GpoolError(f"trainer.device={device} is no device torch knows ({err})") from None
 
 
-def fusing_blockers(device: str) -> list[str]:
-    """Why a sweep on trainer.device=`device` should not fuse its jobs by default (empty:
-    it should). Fusing pays on a GPU, where one small run leaves it idle between kernel
-    launches; on a 2-core CPU a fused group measured 0.60x the throughput of one run at a
-    time. Apart from the launcher (gpool_fused), which Hydra's plugin scan re-executes."""
-    if device != "auto" and not device.startswith("cuda"):
-        return [f"trainer.device={device}"]
-    if not torch.cuda.is_available():
-        return ["torch sees no CUDA GPU here, and on a CPU fusing does not pay"]
-    return []
-
-
 @dataclass
 class Trainer(TrainerSettings):
     """Fits a model on an ImageData; one instance per run, built from conf/trainer

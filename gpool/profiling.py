@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
+from gpool.build import start
 from gpool.config import build, compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer
-from gpool.train import start
 
 #: The kinds a step's operators are counted by, in the order they are printed.
 KINDS = ("convolution forward", "convolution backward", "optimiser", "other")

@@ -10,25 +10,18 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
-from hydra.plugins.launcher import Launcher
-from hydra.plugins.sweeper import Sweeper
-from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_class
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from gpool import stats
-from gpool.compare import ALPHA, MARGIN, publish_comparison
 from gpool.config import CONFIG_KEYS, check_values, override_key, unread_keys
 from gpool.errors import GpoolError
 from gpool.names import (
@@ -53,6 +46,7 @@ from gpool.resume import (
     mark_dead_runs_killed,
     process_tags,
 )
+from gpool.stats import ALPHA, MARGIN
 from gpool.store import (
     experiment_id,
     first_line,
@@ -62,6 +56,7 @@ from gpool.store import (
     sweep_jobs,
     sweeps,
 )
+from gpool.sweepers import searched_keys, swept_keys
 from gpool.tracking import git_commit
 
 log = logging.getLogger(__name__)
@@ -113,84 +108,6 @@ def same_in_any_order(override: str) -> str:
     return f"{override.split('=', 1)[0]}={values}"
 
 
-def swept_keys(config: DictConfig) -> list[str]:
-    """The keys a multirun varies, in the order given: swept in its sweeper's `params` (a
-    preset's) or on the command line (`pool=avg,max`, `seed=range(3)`), or searched
-    (`hydra/sweeper=search`)."""
-    sweeper = config.hydra.sweeper
-    given = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    try:
-        parsed = OverridesParser.create().parse_overrides([*given, *config.hydra.overrides.task])
-    except Exception:  # Hydra rejects it itself before any job runs
-        return []
-    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    return list(dict.fromkeys([*keys, *searched_keys(config)]))
-
-
-def searched_keys(config: DictConfig) -> list[str]:
-    """The keys a `hydra/sweeper=search` searches; its verdict tunes them (compare --tune)."""
-    return list(config.hydra.sweeper.get("search") or {})
-
-
-def factor_groups(overrides: list[str], sweeper: str, least: int) -> list[list[str]]:
-    """Every combination of the factors' values (`pool=avg,max ...`), for a sweeper that
-    owns the seed and runs each combination as a group (decide, search)."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    if any(o.get_key_element() == "seed" for o in parsed):
-        raise GpoolError(
-            f"{sweeper} chooses the seeds itself (0, 1, ...): drop seed=... and set "
-            "its seed count in hydra.sweeper"
-        )
-    (combinations,) = BasicSweeper.split_arguments(parsed, None)
-    if len(combinations) < least:
-        raise GpoolError(
-            f"{sweeper} needs something to compare: sweep a factor over {least} or more "
-            "values, e.g. pool=avg,max"
-        )
-    return combinations
-
-
-class GroupSweeper(Sweeper):
-    """A sweeper that owns the seed and runs every combination of the other factors as a
-    group (decide, search): `params` are factors as in Hydra's basic sweeper."""
-
-    name = "hydra/sweeper=..."  # how its messages name it
-    least = 1  # the groups it needs
-
-    def __init__(self, params: Mapping[str, str] | None = None) -> None:
-        self.params = dict(params or {})
-        self.config: DictConfig | None = None
-        self.launcher: Launcher | None = None
-
-    @classmethod
-    def check(cls, config: DictConfig) -> list[list[str]]:
-        """Refuse settings it cannot sweep with one message (called by SweepTracking
-        before the sweep's run exists, and again by setup); returns the groups."""
-        params = config.hydra.sweeper.get("params") or {}
-        overrides = [*(f"{k}={v}" for k, v in params.items()), *config.hydra.overrides.task]
-        return factor_groups(overrides, cls.name, cls.least)
-
-    def setup(
-        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
-    ) -> None:
-        self.check(config)
-        self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
-        )
-
-    def groups(self, arguments: list[str]) -> list[list[str]]:
-        """The groups of `params` and the command line's sweeps; saves the sweep's config
-        (multirun.yaml) as Hydra's basic sweeper does."""
-        assert self.config is not None
-        overrides = [*(f"{k}={v}" for k, v in self.params.items()), *arguments]
-        groups = factor_groups(overrides, self.name, self.least)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        return groups
-
-
 def expected_jobs(config: DictConfig) -> int | None:
     """The number of jobs the basic sweeper will launch (None for other sweepers, or when
     the overrides need the config to expand, like glob choices)."""
@@ -205,27 +122,6 @@ def expected_jobs(config: DictConfig) -> int | None:
         return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
     except Exception:  # any expansion that needs more than the parser: not counted
         return None
-
-
-def schedule(config: DictConfig) -> list[int]:
-    """A decide sweep's seeds per group after each round (hydra/sweeper=decide), checked."""
-    sweeper = config.hydra.sweeper
-    first, per_round, most = sweeper.first_round, sweeper.seeds_per_round, sweeper.max_seeds
-    if not (isinstance(first, int) and first >= 3):
-        raise GpoolError(f"hydra.sweeper.first_round must be a whole number >= 3, not {first!r}")
-    if not (isinstance(per_round, int) and per_round >= 1):
-        raise GpoolError(f"hydra.sweeper.seeds_per_round must be >= 1, not {per_round!r}")
-    if not (isinstance(most, int) and most >= first):
-        raise GpoolError(f"hydra.sweeper.max_seeds must be >= first_round ({first}), not {most!r}")
-    return stats.rounds(first, per_round, most)
-
-
-def sequential_alpha(config: DictConfig) -> float:
-    """The level a sweep's pairs are decided at: ALPHA, split over the planned rounds of a
-    decide sweep, which looks after each (its closing verdict uses the same)."""
-    if "max_seeds" not in config.hydra.sweeper:
-        return ALPHA
-    return stats.look_alpha(ALPHA, len(schedule(config)))
 
 
 def check_sweep(config: DictConfig) -> None:
@@ -304,6 +200,8 @@ class SweepTracking(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            from gpool.sequential import sequential_alpha  # scipy: only where a sweep starts
+
             check_sweep(config)
             self.alpha = sequential_alpha(config)
         except GpoolError as err:  # a callback's exception would only be a warning
@@ -362,6 +260,8 @@ class SweepTracking(Callback):
         """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
         the files go to `out`) and print it; a sweep without any finished job has nothing to
         state."""
+        from gpool.compare import publish_comparison  # matplotlib: only where a sweep ends
+
         try:
             comparison, pointer = publish_comparison(client, run_id, out, margin, alpha, tune)
         except (GpoolError, MlflowException) as err:

@@ -17,11 +17,11 @@ from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages
 from gpool.engine import Trainer
 from gpool.errors import GpoolError
+from gpool.fusing import reasons_against_fusing
 from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
 from gpool.resume import config_hash
 from gpool.sweep import sweep_key, swept_keys
-from hydra_plugins.gpool_fused.fused_launcher import reasons_against_fusing
 
 
 def test_defaults_are_the_articles_network_and_optimiser() -> None:

@@ -12,13 +12,13 @@ import torch
 from conftest import run_gpool, write_split
 from hydra.utils import instantiate
 
+from gpool.build import start
 from gpool.checkpoint import load_checkpoint, restore, save_checkpoint
 from gpool.config import build, compose_config
 from gpool.data import ImageData
 from gpool.engine import NonFiniteLossError, Trainer
 from gpool.errors import GpoolError
 from gpool.state import TrainState
-from gpool.train import start
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from gpool.build import start
 from gpool.config import compose_config as make_cfg
 from gpool.cuda_graph import LiveValues, blockers, cycles_momentum
 from gpool.data import ImageData
@@ -19,7 +20,6 @@ from gpool.engine import NonFiniteLossError, Trainer, seed_everything
 from gpool.errors import GpoolError
 from gpool.model import build_model
 from gpool.state import EpochResult
-from gpool.train import start
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ def model_metrics(run: Run) -> set[str]:
 #: on a GPU), on this CPU.
 AS_IF_ON_A_GPU = (
     "-c",
-    "import runpy, gpool.engine; gpool.engine.fusing_blockers = lambda device: []; "
+    "import runpy, gpool.fusing; gpool.fusing.fusing_blockers = lambda device: []; "
     "runpy.run_module('gpool.train', run_name='__main__', alter_sys=True)",
 )
 

@@ -8,7 +8,7 @@ Jobs are grouped by their overrides other than the `fuse` keys. A group trains a
 model when its optimiser updates elementwise with one step count (Adam, AdamW, SGD), so
 that one optimiser over the stacked parameters equals one per run, and its network keeps
 no state besides its weights (no BatchNorm); otherwise its jobs run one after another, and
-the log says why.
+the log says why (gpool.fusing, imported when the sweep launches).
 """
 
 from __future__ import annotations
@@ -24,42 +24,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, open_dict
 
-import gpool.engine
-from gpool.config import build as build_object
 from gpool.config import check_values, override_key
 from gpool.errors import GpoolError
-from gpool.model import build_model, kept_buffers
-from gpool.store import store_failed
 
-if TYPE_CHECKING:  # imported where jobs run: gpool.train pulls in torchvision (2 s), and
-    # Hydra's plugin scan imports this module wherever a config is composed (gpool.compare)
-    from gpool.train import Job
+if TYPE_CHECKING:  # imported where jobs run (gpool.fusing): Hydra's plugin scan imports this
+    # module for every command, which should not pay for torch, MLflow and torchvision
+    from gpool.job import Job
 
 log = logging.getLogger(__name__)
-
-#: Optimisers whose update is elementwise with one shared step count.
-ELEMENTWISE = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD")
 
 
 def fusable(key: str) -> bool:
     """Keys that may differ inside a group: the seed and the head. Anything else (an lr, an
     optimiser, the data) would couple members or change their shapes."""
     return key in ("seed", "pool") or key.startswith("pool.")
-
-
-def apart(cfg: DictConfig) -> str | None:
-    """Why a group's jobs cannot train as one model (None: they can)."""
-    if cfg.optimizer._target_ not in ELEMENTWISE:
-        return f"optimizer {cfg.optimizer._target_} does not update elementwise"
-    if kept := kept_buffers(build_model(cfg)):
-        return (
-            f"model {cfg.model._target_} keeps buffers besides its weights ({kept[0]}...: "
-            "BatchNorm's running statistics), which a stack cannot hold per member"
-        )
-    return None
 
 
 def check_fuse(fuse: Sequence[str]) -> None:
@@ -105,6 +85,8 @@ class FusedLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        from gpool.fusing import train_fused
+
         setup_globals()
         assert self.config is not None
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -120,7 +102,7 @@ class FusedLauncher(Launcher):
 
         for _, group in itertools.groupby(sorted(ready, key=rest), key=rest):
             indices = list(group)
-            outcomes = self.train([prepared[i].return_value for i in indices])
+            outcomes = train_fused([prepared[i].return_value for i in indices])
             for i, outcome in zip(indices, outcomes, strict=True):
                 failed = isinstance(outcome, Exception)
                 prepared[i].status = JobStatus.FAILED if failed else JobStatus.COMPLETED
@@ -137,7 +119,7 @@ class FusedLauncher(Launcher):
             sweep_config.hydra.job.num = idx
 
         def compose(cfg: DictConfig) -> Job:
-            from gpool.train import Job
+            from gpool.job import Job
 
             check_values(cfg)
             return Job(cfg, HydraConfig.get())
@@ -149,35 +131,6 @@ class FusedLauncher(Launcher):
             job_dir_key="hydra.sweep.dir",
             job_subdir_key="hydra.sweep.subdir",
         )
-
-    def train(self, jobs: list[Job]) -> list[float | Exception]:
-        """Train one group: as one model when it can be, else job by job."""
-        from gpool.train import train_group
-
-        cfg = jobs[0].cfg
-        try:
-            trainer = build_object(cfg.trainer)
-            if len(jobs) > 1 and (reason := apart(cfg)):
-                log.info("%s: its %d jobs train one by one", reason, len(jobs))
-                return [outcome for job in jobs for outcome in train_group([job], trainer)]
-            log.info(
-                "training %d jobs as one model: %s",
-                len(jobs),
-                ", ".join(j.run_name for j in jobs),
-            )
-            return train_group(jobs, trainer)
-        except MlflowException as error:  # the store broke: one line for each job
-            return [store_failed(error)] * len(jobs)
-        except Exception as error:  # the whole group failed (bad data, a bug): each job says so
-            return [error] * len(jobs)
-
-
-def reasons_against_fusing(config: DictConfig) -> list[str]:
-    """Why a sweep with this config runs its jobs one after another (empty: it fuses)."""
-    reasons = gpool.engine.fusing_blockers(str(config.trainer.device))
-    if config.hydra.sweeper.get("max_batch_size"):
-        reasons.append("hydra.sweeper.max_batch_size hands the launcher the sweep in batches")
-    return reasons
 
 
 class AutoLauncher(Launcher):
@@ -198,6 +151,8 @@ class AutoLauncher(Launcher):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        from gpool.fusing import reasons_against_fusing
+
         if reasons := reasons_against_fusing(config):
             log.info("the sweep's jobs run one after another: %s", "; ".join(reasons))
             self.chosen = BasicLauncher()
