@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from gpool import stats
-from gpool.compare import compare_jobs
+from gpool.compare.comparison import compare_jobs
 from gpool.names import DECIDED_TAG, PARENT_RUN_ENV
 from gpool.sequential import schedule, sequential_alpha
 from gpool.store import store_uri, sweep_jobs
@@ -55,7 +55,7 @@ def compare(config: DictConfig, alpha: float) -> tuple[list[str], str]:
     client, parent = sweep_run(config)
     jobs = sweep_jobs(client, parent)
     comparison = compare_jobs(client, parent, jobs, margin=config.compare.margin, alpha=alpha)
-    return [row["answer"] for row in comparison.pairs], comparison.line
+    return [pair.answer for pair in comparison.pairs], comparison.line
 
 
 def sweep_run(config: DictConfig) -> tuple[MlflowClient, Run]:

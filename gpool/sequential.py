@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from gpool import stats
 from gpool.errors import GpoolError
-from gpool.stats import ALPHA
+from gpool.levels import ALPHA
 
 
 def schedule(config: DictConfig) -> list[int]:

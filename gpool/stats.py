@@ -21,13 +21,6 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-#: The family-wise level every verdict is decided at (a sequential sweep splits it).
-ALPHA = 0.05
-#: The power at which the detectable difference and the seeds needed are stated.
-POWER = 0.8
-#: The practical margin (points of accuracy) within which two groups count as equivalent;
-#: a sweep's own verdict takes compare.margin, gpool.compare --margin.
-MARGIN = 0.5
 #: The most seeds a group is ever said to need: past it no seed count decides.
 MOST_SEEDS = 10_000
 #: Bootstrap resamples behind the interval of P(A > B).

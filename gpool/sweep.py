@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpool.config import CONFIG_KEYS, check_values, override_key, unread_keys
 from gpool.errors import GpoolError
+from gpool.levels import ALPHA, MARGIN
 from gpool.names import (
     COMPARISON_DIR,
     EXPECTED_JOBS_TAG,
@@ -46,7 +47,6 @@ from gpool.resume import (
     mark_dead_runs_killed,
     process_tags,
 )
-from gpool.stats import ALPHA, MARGIN
 from gpool.store import (
     experiment_id,
     first_line,
@@ -260,7 +260,7 @@ class SweepTracking(Callback):
         """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
         the files go to `out`) and print it; a sweep without any finished job has nothing to
         state."""
-        from gpool.compare import publish_comparison  # matplotlib: only where a sweep ends
+        from gpool.compare.publish import publish_comparison  # matplotlib: where a sweep ends
 
         try:
             comparison, pointer = publish_comparison(client, run_id, out, margin, alpha, tune)

@@ -36,22 +36,11 @@ from statsmodels.stats.power import TTestPower
 
 from gpool import stats as gstats
 from gpool import store as gstore
-from gpool.compare import (
-    Comparison,
-    Group,
-    Pair,
-    RunCurves,
-    factors,
-    final_range,
-    forest_rows,
-    markdown,
-    mean_std_ci,
-    pairwise_cells,
-    pairwise_rows,
-    select_runs,
-    summary_rows,
-    write_report,
-)
+from gpool.compare.comparison import Comparison, compare_groups
+from gpool.compare.publish import final_range, write_report
+from gpool.compare.render import forest_rows, pairwise_cells
+from gpool.compare.runs import Group, RunCurves, factors, select_runs
+from gpool.compare.verdict import Pair, mean_std_ci, pair_results
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.store import metric_histories
@@ -97,25 +86,30 @@ def group(name: str, finals: list[float], seeds: list[int], images=None) -> Grou
     return Group(name, curves)
 
 
+def sample(name: str, finals: list[float], seeds: list[int]):
+    """What the statistics read of a group of runs with these final val accs and seeds."""
+    return group(name, finals, seeds).sample()
+
+
 def test_statistics_match_their_definitions() -> None:
     values = np.array([0.80, 0.82, 0.84])
     mean, std, half = mean_std_ci(values)
     assert mean == pytest.approx(0.82) and std == pytest.approx(0.02)
     assert half == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
     a, b = [0.80, 0.81, 0.79, 0.80], [0.85, 0.86, 0.84, 0.87]
-    welch = Pair.of(group("a", a, [0, 1, 2, 3]), group("b", b, [4, 5, 6, 7]))
+    welch = Pair.of(sample("a", a, [0, 1, 2, 3]), sample("b", b, [4, 5, 6, 7]))
     assert welch.test == "Welch"
     d = welch.points()
     assert d.p_difference() < 0.01 and d.diff < 0
     assert d.p_difference() == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    one_seed = Pair.of(group("a", a[:1], [0]), group("b", b, [4, 5, 6, 7]))
+    one_seed = Pair.of(sample("a", a[:1], [0]), sample("b", b, [4, 5, 6, 7]))
     assert math.isnan(one_seed.points().p_difference()) and math.isnan(one_seed.detectable())
 
 
 def test_the_same_seeds_are_compared_pairwise_in_seed_order() -> None:
     a = group("a", [0.80, 0.90, 0.70], [0, 1, 2])
     b = group("b", [0.71, 0.79, 0.905], [2, 0, 1])  # seed 0: 0.79, 1: 0.905, 2: 0.71
-    pair = Pair.of(a, b)
+    pair = Pair.of(a.sample(), b.sample())
     assert pair.test == "paired t"
     expected = stats.ttest_rel([0.80, 0.90, 0.70], [0.79, 0.905, 0.71])
     d = pair.points()
@@ -132,15 +126,14 @@ def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_see
     image_b = (draw < rng.uniform(0.6, 1.0, 500)).astype(float)
     a = group("a", list(image_a.mean(1)), [0, 1, 2, 3], image_a)
     b = group("b", list(image_b.mean(1)), [0, 1, 2, 3], image_b)
-    both = Pair.of(a, b)
+    both = Pair.of(a.sample(), b.sample())
     assert both.covers == "seeds and 500 images" and both.image_var > 0
     seeds = Pair(both.a, both.b, both.paired).points()
     assert both.points().se > seeds.se and both.points().diff == pytest.approx(seeds.diff)
     a.runs[2].images["val"] = "no predictions/val.npy"
-    rows = pairwise_rows([a, b])
-    assert rows[0]["covers"] == "seeds alone"
-    assert rows[0]["ci_high"] - rows[0]["ci_low"] == pytest.approx(2 * 3.182446 * seeds.se)
-    report = markdown(summary_rows([a, b]), rows, "line", "val")
+    _, pairs, _, report = compare_groups([a, b], None, 0.5, 0.05)
+    assert pairs[0].covers == "seeds alone"
+    assert pairs[0].ci_high - pairs[0].ci_low == pytest.approx(2 * 3.182446 * seeds.se)
     assert "seeds alone, not the test images" in report
     assert "a seed 2: no predictions/val.npy" in report
 
@@ -153,11 +146,12 @@ def test_the_seeds_to_decide_allow_for_every_pair_in_the_table() -> None:
     a = group("a", [0.800, 0.812, 0.795, 0.806, 0.801], seeds)
     b = group("b", [0.797, 0.802, 0.793, 0.809, 0.792], seeds)
     c = group("c", [0.700, 0.710, 0.690, 0.705, 0.702], seeds)
-    alone, beside = pairwise_rows([a, b])[0], pairwise_rows([a, b, c])[0]
-    assert alone["answer"] == beside["answer"] == gstats.UNDECIDED
-    pair = Pair.of(a, b)
+    alone = pair_results([a.sample(), b.sample()])[0]
+    beside = pair_results([a.sample(), b.sample(), c.sample()])[0]
+    assert alone.answer == beside.answer == gstats.UNDECIDED
+    pair = Pair.of(a.sample(), b.sample())
     plan = gstats.seeds_to_decide(pair.spread(), pair.points().diff, 0.5, True, 0.05 / 3, 0.8)
-    assert beside["seeds_to_decide"] == plan > alone["seeds_to_decide"] >= 2
+    assert beside.seeds_to_decide == plan > alone.seeds_to_decide >= 2
 
 
 def test_the_forest_ranks_groups_and_colours_each_by_its_answer_against_the_leader(
@@ -171,9 +165,9 @@ def test_the_forest_ranks_groups_and_colours_each_by_its_answer_against_the_lead
     a = group("a", list(0.80 + noise), seeds)
     b = group("b", list(0.8495 + noise[::-1]), seeds)
     c = group("c", list(0.85 + noise), seeds)
-    pairs = pairwise_rows([a, b, c], margin=1.0)
-    comparison = Comparison("", "", "", summary_rows([a, b, c]), [a, b, c], ["pool"], pairs, 1.0)
-    rows = forest_rows(comparison)
+    summaries, pairs, _, _ = compare_groups([a, b, c], None, 1.0, 0.05)
+    comparison = Comparison("", "", "", summaries, [a, b, c], ["pool"], pairs, 1.0)
+    rows = forest_rows(summaries, pairs)
     assert [r["group"] for r in rows] == ["c", "b", "a"]
     assert [r["answer"] for r in rows] == ["leader", "equivalent", "worse"]
     assert rows[2]["label"].startswith("worse: -5.00 [") and rows[0]["mean"] == pytest.approx(85)
@@ -201,10 +195,10 @@ def test_power_matches_cohens_figures() -> None:
     a two-sample t-test; 34 pairs detect d = 0.5 in a paired one."""
     rng = np.random.default_rng(0)
     a, b = rng.normal(0.88, 0.01, 64), rng.normal(0.87, 0.01, 64)
-    two_sample = Pair.of(group("a", list(a), list(range(64))), group("b", list(b), [-1] * 64))
+    two_sample = Pair.of(sample("a", list(a), list(range(64))), sample("b", list(b), [-1] * 64))
     assert two_sample.detectable() == pytest.approx(0.5 * two_sample.spread(), rel=0.01)
     assert two_sample.seeds_needed(0.5 * two_sample.spread()) == 64
-    paired = Pair.of(group("a", list(a), list(range(64))), group("b", list(b), list(range(64))))
+    paired = Pair.of(sample("a", list(a), list(range(64))), sample("b", list(b), list(range(64))))
     assert paired.spread() == pytest.approx(np.std(a - b, ddof=1) * 100)
     assert paired.seeds_needed(0.5 * paired.spread()) == 34
     expected = TTestPower().solve_power(nobs=64, alpha=0.05, power=0.8) * paired.spread()

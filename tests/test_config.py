@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import gpool
-from gpool.compare import arguments as compare_arguments
+from gpool.compare.cli import arguments as compare_arguments
 from gpool.config import CONF_DIR, CONFIG_KEYS, GROUPS, check_values, unread_keys
 from gpool.config import compose_config as make_cfg
 from gpool.data import ImageFolderImages, TorchvisionImages

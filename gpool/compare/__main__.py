@@ -1,0 +1,5 @@
+"""`python -m gpool.compare` (gpool.compare.cli)."""
+
+from gpool.compare.cli import run
+
+run()

@@ -1,0 +1,140 @@
+"""`python -m gpool.compare`: is one head really better? Statistics across seeds (and test
+images) from MLflow.
+
+Reads a sweep's runs (or an experiment's) through MLflow's query API, groups them by the
+factors they vary (all but the seed) and reports per group the final and best accuracy with
+a 95 % interval; per pair the difference with its interval over seeds and test images, the
+test of a difference and of equivalence within ±margin, Holm-adjusted over the pairs,
+P(A > B), and the answer: better, equivalent, or undecided with the seeds that would
+decide it. The tables and figures are written to disk and put on the sweep's parent run.
+Its imports are argparse's until the arguments are read: `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from datetime import date
+from pathlib import Path
+
+from gpool.errors import GpoolError
+from gpool.levels import MARGIN, POWER
+
+
+def positive_points(text: str) -> float:
+    """An argument in points of accuracy: a number > 0 and below 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is no number of points in (0, 100)")
+    return value
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpool.compare", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--parent", help="parent run id of a sweep (default: the latest sweep)")
+    parser.add_argument(
+        "--filter",
+        dest="filter_string",
+        help="MLflow filter string over the experiment's runs, e.g. "
+        "\"tags.dataset = 'fashion_mnist'\"",
+    )
+    parser.add_argument(
+        "--experiment",
+        help="compare every finished run of this experiment (default: the latest sweep in "
+        "the config's experiment); with --filter or --parent, where to look",
+    )
+    parser.add_argument("--tracking-uri", help="default: the config's mlflow.tracking_uri")
+    parser.add_argument(
+        "--out", type=Path, help="folder for the table and figure (default: runs/compare/<id>)"
+    )
+    parser.add_argument(
+        "--tune",
+        nargs="+",
+        metavar="KEY",
+        help="per group, pick the value of these swept keys (e.g. optimizer.lr) with the best "
+        "mean val acc, then compare test accuracy at those values (needs dataset.holdout > 0)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=positive_points,
+        default=MARGIN,
+        metavar="POINTS",
+        help="two groups count as equivalent when their difference lies within ±POINTS points "
+        f"of accuracy (default {MARGIN:g}; TOST at the family-wise level)",
+    )
+    parser.add_argument(
+        "--detect",
+        type=positive_points,
+        metavar="POINTS",
+        help="also state, per pair, the seeds per group needed to detect a difference of "
+        f"POINTS points of accuracy at {POWER * 100:.0f}%% power",
+    )
+    return parser.parse_args(argv)
+
+
+def mlflow_target(tracking_uri: str | None, experiment: str | None) -> tuple[str, str]:
+    """The tracking URI and experiment given, or else those `gpool.train` would use, from
+    the same config (composed only then: it takes about a second)."""
+    if tracking_uri is None or experiment is None:
+        from gpool.config import compose_config
+
+        cfg = compose_config()
+        tracking_uri = tracking_uri or cfg.mlflow.tracking_uri
+        experiment = experiment or cfg.mlflow.experiment_name
+    return tracking_uri, experiment
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Compare what the arguments select, write the report, put it on the sweep's run;
+    returns the verdict."""
+    args = arguments(argv)
+    from mlflow.exceptions import MlflowException
+
+    from gpool.compare.comparison import compare_jobs
+    from gpool.compare.publish import default_out, publish, report_files
+    from gpool.compare.runs import select_runs
+    from gpool.store import open_store
+
+    tracking_uri, experiment = mlflow_target(args.tracking_uri, args.experiment)
+    client = open_store(tracking_uri, create=False)
+    filter_string = args.filter_string
+    if args.experiment and args.parent is None and filter_string is None:
+        filter_string = ""  # the whole experiment
+    parent, jobs = select_runs(client, experiment, args.parent, filter_string)
+    comparison = compare_jobs(client, parent, jobs, args.detect, args.tune, args.margin)
+    command = shlex.join(
+        ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]
+    )
+    # The file carries the command that made it, so a committed table can be regenerated.
+    made = f"made {date.today().isoformat()} by `{command}`"
+    out = args.out or default_out(parent)
+    try:
+        paths = report_files(out, comparison, made)
+    except OSError as err:
+        raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
+    print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}", flush=True)
+    if parent is not None:
+        try:
+            print(publish(client, parent, comparison, paths))
+        except (MlflowException, OSError) as err:  # a read-only store, a refusing server
+            first = (getattr(err, "message", None) or str(err)).splitlines()[0][:300]
+            raise GpoolError(
+                f"the comparison is written to {out} but could not be put on the sweep's run "
+                f"({first})"
+            ) from None
+    return comparison.line
+
+
+def run() -> None:
+    """The command: one line and a non-zero exit for what the user can act on."""
+    try:
+        main()
+    except GpoolError as err:
+        sys.exit(f"gpool.compare: {err}")

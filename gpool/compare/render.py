@@ -1,0 +1,113 @@
+"""A comparison as people read it: the Markdown tables (groups, pairs, what the intervals
+cover, the level a sequential sweep decides at, the verdict) and the rows behind its
+figures (the forest of groups against the leader, the matrix of pairs). Pure: text and
+rows from gpool.compare.verdict's results; files and MLflow are gpool.compare.publish's."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from gpool import stats
+from gpool.compare.verdict import GroupSummary, PairResult, ci_label, pair_of
+from gpool.levels import ALPHA, POWER
+from gpool.plots import LEADER
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def markdown(
+    summaries: Sequence[GroupSummary],
+    pairs: Sequence[PairResult],
+    line: str,
+    split: str,
+    alpha: float = ALPHA,
+) -> str:
+    """The groups' table, the pairs' table, why any interval covers seeds alone, the level
+    of a sequential sweep, and the verdict."""
+    out = [
+        f"| group | n | final {split} acc % (mean ± std) | 95 % CI | best val acc % (mean ± std) "
+        "| epoch of best |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summaries:
+        out.append(
+            f"| {s.group} | {s.n} | {fmt(s.mean)} ± {fmt(s.std)} | [{fmt(s.ci_low)}, "
+            f"{fmt(s.ci_high)}] | {fmt(s.best_mean)} ± {fmt(s.best_std)} | "
+            f"{s.best_epoch_mean:.1f} |"
+        )
+    if pairs:
+        out += ["", *pair_table(pairs, alpha)]
+    if alone := sorted({p.seeds_alone_because for p in pairs} - {""}):
+        out += [
+            "",
+            "Intervals over seeds alone, not the test images (the runs logged no usable "
+            "per-image predictions): " + "; ".join(alone[:3]) + ("; ..." if len(alone) > 3 else ""),
+        ]
+    if alpha < ALPHA:
+        out += [
+            "",
+            f"Each pair is decided at α = {alpha:.3g}: a sequential sweep's share of {ALPHA} "
+            "over its planned rounds (Bonferroni), so that looking after every round keeps "
+            f"the chance of any wrong answer below {ALPHA}.",
+        ]
+    return "\n".join(out + ["", f"Verdict: {line}", ""])
+
+
+def pair_table(pairs: Sequence[PairResult], alpha: float = ALPHA) -> list[str]:
+    detect = pairs[0].seeds_needed is not None
+    head = (
+        f"| A | B | answer | A − B (points) | {ci_label(alpha)} | covers | test | p (Holm) | "
+        f"equivalence p (TOST, Holm) | P(A > B) | detectable at {POWER:.0%} power (points) | "
+        "seeds to decide |" + (" seeds a group for the --detect difference |" * detect)
+    )
+    out = [head, "| --- " * (12 + detect) + "|"]
+    for p in pairs:
+        to_decide = fmt(p.seeds_to_decide, 0) if p.answer == stats.UNDECIDED else "-"
+        improvement = (
+            f"{fmt(p.p_improvement)} [{fmt(p.p_improvement_low)}, {fmt(p.p_improvement_high)}]"
+        )
+        out.append(
+            f"| {p.a} | {p.b} | {p.answer} | {p.diff:+.2f} | "
+            f"[{fmt(p.ci_low)}, {fmt(p.ci_high)}] | {p.covers} | {p.test} | "
+            f"{fmt(p.p_holm, 4)} | {fmt(p.p_equivalence_holm, 4)} | {improvement} | "
+            f"{fmt(p.detectable)} | {to_decide} |"
+            + (f" {fmt(p.seeds_needed or math.nan, 0)} |" if detect else "")
+        )
+    return out
+
+
+def forest_rows(summaries: Sequence[GroupSummary], pairs: Sequence[PairResult]) -> list[dict]:
+    """Per group, best first: its final accuracy with its interval over seeds, its answer
+    against the leader and their difference's interval (plots.plot_forest)."""
+    ranked = sorted(summaries, key=lambda s: s.mean, reverse=True)
+    leader = ranked[0].group
+    rows = []
+    for summary in ranked:
+        row = {
+            "group": summary.group,
+            "mean": summary.mean,
+            "low": summary.ci_low,
+            "high": summary.ci_high,
+            "answer": LEADER,
+            "label": LEADER,
+        }
+        if summary.group != leader:
+            pair = pair_of(pairs, summary.group, leader)
+            row["answer"] = pair.side_answer()
+            row["label"] = (
+                f"{row['answer']}: {pair.diff:+.2f} [{pair.ci_low:+.2f}, {pair.ci_high:+.2f}]"
+            )
+        rows.append(row)
+    return rows
+
+
+def pairwise_cells(pairs: Sequence[PairResult]) -> dict[tuple[str, str], dict]:
+    """Each ordered pair of groups: A minus B in points and A's answer against B."""
+    cells = {}
+    for pair in pairs:
+        for side in (pair, pair.flipped()):
+            cells[(side.a, side.b)] = {"diff": side.diff, "answer": side.side_answer()}
+    return cells
