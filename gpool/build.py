@@ -1,7 +1,7 @@
 """The training state of runs before their first epoch: each network seeded and
 initialised as its own run would be, several stacked into one model (a fused group), one
 optimiser over all; and a member's network back out of a stack. Shared by training, the
-bench and profiling."""
+bench (gpool.bench)."""
 
 from __future__ import annotations
 

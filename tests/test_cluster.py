@@ -15,10 +15,10 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
+from gpool.bench.server import mlflow_server
 from gpool.config import compose_config, threads_per_job
 from gpool.names import ROLE_TAG
 from gpool.resume import is_alive
-from gpool.storebench import mlflow_server
 
 pytestmark = pytest.mark.process
 

@@ -36,6 +36,7 @@ from statsmodels.stats.power import TTestPower
 
 from gpool import stats as gstats
 from gpool import store as gstore
+from gpool.bench.server import mlflow_server
 from gpool.compare.comparison import Comparison, compare_groups
 from gpool.compare.publish import final_range, write_report
 from gpool.compare.render import forest_rows, pairwise_cells
@@ -44,7 +45,6 @@ from gpool.compare.verdict import Pair, mean_std_ci, pair_results
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.store import metric_histories
-from gpool.storebench import mlflow_server
 from gpool.ui import LOCAL_UI, share_comparison
 
 if TYPE_CHECKING:

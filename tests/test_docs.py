@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from gpool import PROJECT_ROOT, bench
+from gpool import PROJECT_ROOT
+from gpool.bench import cli as bench
 from gpool.compare import cli as compare
 from gpool.config import compose_config
 

@@ -45,11 +45,11 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+from gpool.bench.server import mlflow_server
 from gpool.errors import GpoolError
 from gpool.names import CHECKPOINT_TAG
 from gpool.resume import claim
 from gpool.store import redact
-from gpool.storebench import mlflow_server
 
 pytestmark = pytest.mark.process
 

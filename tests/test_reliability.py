@@ -22,9 +22,9 @@ from conftest import (
     sweep_runs,
 )
 
+from gpool.bench.server import free_port
 from gpool.names import HASH_TAG
 from gpool.store import experiment_id, open_store
-from gpool.storebench import free_port
 from gpool.tracking import Tracker
 
 pytestmark = pytest.mark.process

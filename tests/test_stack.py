@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from conftest import options
 from hydra.utils import instantiate
 
-from gpool import bench
+from gpool.bench import cli as bench
+from gpool.bench.profile import KINDS, profile_step, training_step
 from gpool.build import start
 from gpool.checkpoint import load_checkpoint, member_parts, restore, save_checkpoint
 from gpool.config import build, compose_config
 from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.model import build_model
-from gpool.profiling import KINDS, profile_step, training_step
 from gpool.stacking import StackedModel
 
 

@@ -35,8 +35,18 @@ from typing import Any, NoReturn
 
 #: Every test process's torch threads: one, so that two xdist workers share two cores.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-#: What every command imports before it starts: imported once, in the warm interpreter.
-PRELOAD = ("gpool.train", "gpool.compare", "gpool.bench")
+#: What gpool's commands import once they run (their entry modules import Hydra alone):
+#: imported once, in the warm interpreter.
+PRELOAD = (
+    "gpool.train",
+    "gpool.training",
+    "gpool.fusing",
+    "gpool.decide",
+    "gpool.search",
+    "gpool.compare.cli",
+    "gpool.compare.publish",
+    "gpool.bench.cli",
+)
 
 
 # --- the warm interpreter ---------------------------------------------------------------

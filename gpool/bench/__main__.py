@@ -1,0 +1,5 @@
+"""`python -m gpool.bench` (gpool.bench.cli)."""
+
+from gpool.bench.cli import main
+
+main()
