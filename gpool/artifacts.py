@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpool.data import ImageData
 from gpool.diagnostics import class_maps, confusion_matrix, per_class_accuracy, probe_indices
 from gpool.engine import Trainer
+from gpool.images import ImageData
 from gpool.job import Job
 from gpool.names import (
     CLASS_MAPS_FILE,

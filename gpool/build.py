@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from gpool.checkpoint import member_parts
-from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
 from gpool.errors import GpoolError
+from gpool.images import ImageData
 from gpool.model import build_model
 from gpool.stacking import StackedModel
 from gpool.state import TrainState

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +25,9 @@ from tqdm import tqdm
 
 from gpool.cuda_graph import GraphedSteps, Step, blockers, restored_on_error
 from gpool.errors import GpoolError
+from gpool.images import ImageData, Split
 from gpool.state import EpochResult, Member, Steps, Stop, TrainPass, TrainState
 from gpool.trainer_settings import TrainerSettings
-
-if TYPE_CHECKING:  # the data module pulls in torchvision (a second): not for a config's sake
-    from gpool.data import ImageData, Split
 
 log = logging.getLogger(__name__)
 

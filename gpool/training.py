@@ -19,9 +19,9 @@ from gpool.artifacts import link_checkpoint, log_diagnostics, plot_maps
 from gpool.build import FusingFailed, member_network, start
 from gpool.checkpoint import restore, save_checkpoint
 from gpool.config import build as build_object
-from gpool.data import ImageData
 from gpool.engine import Trainer
 from gpool.errors import GpoolError
+from gpool.images import ImageData
 from gpool.job import Job, Resumed, plan
 from gpool.names import (
     CLASS_MAPS_KEY,

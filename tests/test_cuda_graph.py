@@ -15,9 +15,9 @@ from hydra.utils import instantiate
 from gpool.build import start
 from gpool.checkpoint import load_checkpoint, restore, save_checkpoint
 from gpool.config import build, compose_config
-from gpool.data import ImageData
 from gpool.engine import NonFiniteLossError, Trainer
 from gpool.errors import GpoolError
+from gpool.images import ImageData
 from gpool.state import TrainState
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

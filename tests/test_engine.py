@@ -15,9 +15,9 @@ from hydra.utils import instantiate
 from gpool.build import start
 from gpool.config import compose_config as make_cfg
 from gpool.cuda_graph import LiveValues, blockers, cycles_momentum
-from gpool.data import ImageData
 from gpool.engine import NonFiniteLossError, Trainer, seed_everything
 from gpool.errors import GpoolError
+from gpool.images import ImageData
 from gpool.model import build_model
 from gpool.state import EpochResult
 

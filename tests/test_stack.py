@@ -16,8 +16,8 @@ from gpool.bench.profile import KINDS, profile_step, training_step
 from gpool.build import start
 from gpool.checkpoint import load_checkpoint, member_parts, restore, save_checkpoint
 from gpool.config import build, compose_config
-from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
+from gpool.images import ImageData
 from gpool.model import build_model
 from gpool.stacking import StackedModel
 

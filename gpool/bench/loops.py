@@ -24,8 +24,8 @@ from torchvision.transforms import ToTensor
 from gpool.build import start
 from gpool.config import build as build_object
 from gpool.config import compose_config
-from gpool.data import ImageData
 from gpool.engine import Trainer, seed_everything
+from gpool.images import ImageData
 from gpool.model import PooledNet, build_model
 
 

@@ -21,8 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from gpool.build import start
 from gpool.config import build, compose_config
-from gpool.data import ImageData
 from gpool.engine import Trainer
+from gpool.images import ImageData
 
 #: The kinds a step's operators are counted by, in the order they are printed.
 KINDS = ("convolution forward", "convolution backward", "optimiser", "other")
