@@ -1,69 +1,153 @@
 """The rounds of the decide sweeper (hydra/sweeper=decide, hydra_plugins/gpool_decide):
-launch the seeds a round adds, compare the sweep's runs, stop when decided; when and at
-which level it looks is gpool.sequential's."""
+launch the seeds a round adds, compare the sweep's runs by its rule (gpool.sequential),
+say what each pair will likely cost from here (the planner), and stop when every pair is
+answered or undecidable, or at max_seeds. Each round's numbers go to the log and, as
+metrics with the round's seed count as step, to the sweep's MLflow run."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Sequence
 
 from hydra.core.utils import JobReturn
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
 
 from gpool import stats
-from gpool.compare.comparison import compare_jobs
-from gpool.names import DECIDED_TAG, PARENT_RUN_ENV
-from gpool.sequential import schedule, sequential_alpha
+from gpool.compare.comparison import Comparison, compare_jobs
+from gpool.compare.publish import metric_key
+from gpool.compare.verdict import PairResult
+from gpool.errors import GpoolError
+from gpool.names import DECIDED_TAG, PARENT_RUN_ENV, PLAN_TAG
+from gpool.sequential import Plan
 from gpool.store import store_uri, sweep_jobs
 from gpool.sweepers import GroupSweeper
 
 log = logging.getLogger(__name__)
 
 
-def rounds(sweeper: GroupSweeper, arguments: list[str]) -> list[Sequence[JobReturn]]:
-    """The sweep: each round launches the seeds the schedule adds for every group, then
-    compares the sweep's runs; it stops once every pair is decided, or at max_seeds."""
+def rounds(sweeper: GroupSweeper, plan: Plan, arguments: list[str]) -> list[Sequence[JobReturn]]:
+    """The sweep: a look after each round of seeds (plan.looks), until every pair is
+    settled or max_seeds. A rerun takes the same looks, training only the seeds no earlier
+    run finished, and comes to the same answers (the rule and the planner's simulation are
+    deterministic)."""
     assert sweeper.config is not None and sweeper.launcher is not None
-    plan = schedule(sweeper.config)
     groups = sweeper.groups(arguments)
-    alpha = sequential_alpha(sweeper.config)
+    client, parent = sweep_run(sweeper.config)
+    client.set_tag(parent.info.run_id, PLAN_TAG, describe(plan))
+    log.info("decide sweep: %s", describe(plan))
+    plan_ahead(client, parent, plan)
     returns: list[Sequence[JobReturn]] = []
     done = 0
-    for n in plan:
+    for n in plan.looks():
         batch = [[*group, f"seed={s}"] for group in groups for s in range(done, n)]
         results = sweeper.launcher.launch(batch, initial_job_idx=len(groups) * done)
         for result in results:
             _ = result.return_value  # a failed job fails the sweep, as Hydra's own do
         returns.append(results)
         done = n
-        answers, line = compare(sweeper.config, alpha)
-        log.info("round of %d seeds per group: %s", n, line)
-        if stats.decided(answers):
-            record(sweeper.config, f"after {n} seeds per group")
-            log.info("decided after %d seeds per group (max_seeds %d)", n, plan[-1])
+        comparison = compare(client, parent, plan, n)
+        report(client, parent.info.run_id, n, comparison)
+        if stats.decided([pair.answer for pair in comparison.pairs]):
+            settled = "undecidable" if stats.UNDECIDABLE in answers(comparison) else "decided"
+            record(client, parent.info.run_id, f"{settled} after {n} seeds per group")
+            log.info("%s after %d seeds per group (max_seeds %d)", settled, n, plan.max_seeds)
             return returns
-    record(sweeper.config, f"not decided at max_seeds={plan[-1]}")
-    log.info("not decided at max_seeds=%d: raise hydra.sweeper.max_seeds", plan[-1])
+    record(client, parent.info.run_id, f"not decided at max_seeds={plan.max_seeds}")
+    log.info("not decided at max_seeds=%d: raise hydra.sweeper.max_seeds", plan.max_seeds)
     return returns
 
 
-def compare(config: DictConfig, alpha: float) -> tuple[list[str], str]:
-    """Every pair's answer and the verdict, on the sweep's runs so far."""
-    client, parent = sweep_run(config)
-    jobs = sweep_jobs(client, parent)
-    comparison = compare_jobs(client, parent, jobs, margin=config.compare.margin, alpha=alpha)
-    return [pair.answer for pair in comparison.pairs], comparison.line
+def plan_ahead(client: MlflowClient, parent: Run, plan: Plan) -> None:
+    """Before the first launch, the planner from the runs this sweep already has (a
+    rerun's), or word that it speaks after the first look."""
+    try:
+        comparison = compare(client, parent, plan)
+    except GpoolError:  # no finished runs yet
+        log.info("the planner speaks after the first look, at %d seeds a group", plan.first_round)
+        return
+    seeds = min(len(group.runs) for group in comparison.groups)
+    for pair in comparison.pairs:
+        log.info("before this run, from %d seeds a group: %s", seeds, outlook_line(pair, seeds))
 
 
-def sweep_run(config: DictConfig) -> tuple[MlflowClient, Run]:
+def answers(comparison: Comparison) -> list[str]:
+    return [pair.answer for pair in comparison.pairs]
+
+
+def compare(client: MlflowClient, parent: Run, plan: Plan, seeds: int | None = None) -> Comparison:
+    """The sweep's runs of its first `seeds` seeds (all, if None), each pair answered by
+    the plan's rule: a rerun's look at n seeds sees what the first run's saw."""
+    parent = client.get_run(parent.info.run_id)  # the jobs recorded on it since
+    first = {str(seed) for seed in range(seeds or 0)}
+    jobs = [
+        job
+        for job in sweep_jobs(client, parent)
+        if seeds is None or job.data.params.get("seed") in first
+    ]
+    return compare_jobs(client, parent, jobs, margin=plan.margin, plan=plan)
+
+
+def report(client: MlflowClient, run_id: str, n: int, comparison: Comparison) -> None:
+    """A round in the log (each pair's answer, interval and outlook) and on the sweep's
+    run: per pair its difference, repeated interval, P(decided by max_seeds) and the seeds
+    a group it will likely run, at step n."""
+    log.info("look at %d seeds per group: %s", n, comparison.line)
+    now = int(time.time() * 1000)
+    metrics = []
+    for pair in comparison.pairs:
+        log.info("  %s", outlook_line(pair, n))
+        values = {
+            "diff": pair.diff,
+            "ci_low": pair.ci_low,
+            "ci_high": pair.ci_high,
+            "p_decided": pair.p_decided,
+            "expected_seeds": pair.expected_seeds,
+        }
+        name = f"{pair.a} vs {pair.b}"
+        metrics += [
+            Metric(metric_key(name, key), value, now, n)
+            for key, value in values.items()
+            if not math.isnan(value)
+        ]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def outlook_line(pair: PairResult, n: int) -> str:
+    """The planner's sentence for a pair after a look at n seeds a group."""
+    if pair.answer not in (stats.UNDECIDED, stats.UNDECIDABLE):
+        return f"{pair.a} vs {pair.b}: {pair.answer} at {n} seeds a group"
+    if math.isnan(pair.p_decided):
+        return f"{pair.a} vs {pair.b}: {pair.answer}; no outlook (needs paired seeds that vary)"
+    more = max(0.0, pair.expected_seeds - n)
+    head = f"{pair.a} vs {pair.b}: {pair.answer}"
+    if pair.answer == stats.UNDECIDABLE:
+        needed = pair.seeds_to_decide
+        likely = "no seed count" if math.isinf(needed) else f"about {needed:.0f} seeds a group"
+        return f"{head}: P(decided by max_seeds) = {pair.p_decided:.2f}; {likely} would decide it"
+    return (
+        f"to decide {pair.a} vs {pair.b}, expect about {more:.0f} more seeds a head "
+        f"(P(decided by max_seeds) = {pair.p_decided:.2f})"
+    )
+
+
+def describe(plan: Plan) -> str:
+    """The plan in words, as the sweep's run keeps it (PLAN_TAG)."""
+    return (
+        f"first_round={plan.first_round} seeds_per_round={plan.seeds_per_round} "
+        f"max_seeds={plan.max_seeds} spending={plan.spending} futility={plan.futility:g} "
+        f"margin={plan.margin:g}"
+    )
+
+
+def sweep_run(config) -> tuple[MlflowClient, Run]:
     """The sweep's parent run (SweepTracking made it) and a client of its store."""
     client = MlflowClient(store_uri(config.mlflow.tracking_uri))
     return client, client.get_run(os.environ[PARENT_RUN_ENV])
 
 
-def record(config: DictConfig, outcome: str) -> None:
-    client, parent = sweep_run(config)
-    client.set_tag(parent.info.run_id, DECIDED_TAG, outcome)
+def record(client: MlflowClient, run_id: str, outcome: str) -> None:
+    client.set_tag(run_id, DECIDED_TAG, outcome)

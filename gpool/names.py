@@ -43,6 +43,8 @@ EXPECTED_JOBS_TAG = "gpool.jobs"
 JOB_TAG_PREFIX = "gpool.job."
 #: A decide sweep's outcome: whether, and after how many seeds, it was decided.
 DECIDED_TAG = "gpool.decided"
+#: A decide sweep's plan: its looks, spending, futility threshold and margin.
+PLAN_TAG = "gpool.plan"
 
 # --- the MLflow dataset inputs of a job's run (their context) ---------------------------
 TRAIN_CONTEXT, VAL_CONTEXT, TEST_CONTEXT = "training", "validation", "testing"

@@ -35,6 +35,9 @@ BETTER, BETTER_WITHIN, EQUIVALENT, UNDECIDED = (
     "equivalent",
     "undecided",
 )
+#: A sequential sweep's pair that stopped taking seeds: unlikely to be decided by its
+#: max_seeds (gpool.sequential, the futility stop).
+UNDECIDABLE = "undecidable"
 #: The first two from the other group's side: its answer against a better group.
 WORSE, WORSE_WITHIN = "worse", "worse, by less than the margin"
 
@@ -321,14 +324,7 @@ def rounds(first: int, per_round: int, most: int) -> list[int]:
     return [*range(first, most, per_round), most] if first < most else [most]
 
 
-def look_alpha(alpha: float, looks: int) -> float:
-    """The level each look of a sequential sweep decides at: a Bonferroni split of `alpha`
-    over the planned looks, so that the chance of any wrong answer (better where there is
-    no difference, or equivalent where there is one past the margin) over all looks stays
-    below `alpha`, however the looks depend on each other."""
-    return alpha / looks
-
-
 def decided(answers: Sequence[str]) -> bool:
-    """Whether every pair has an answer: the stopping rule of a sequential sweep."""
+    """Whether every pair is settled, answered or undecidable: when a sequential sweep
+    stops."""
     return all(answer != UNDECIDED for answer in answers)

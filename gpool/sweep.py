@@ -11,7 +11,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpool.config import CONFIG_KEYS, check_values, override_key, unread_keys
 from gpool.errors import GpoolError
-from gpool.levels import ALPHA, MARGIN
+from gpool.levels import MARGIN
 from gpool.names import (
     COMPARISON_DIR,
     EXPECTED_JOBS_TAG,
@@ -58,6 +58,9 @@ from gpool.store import (
 )
 from gpool.sweepers import searched_keys, swept_keys
 from gpool.tracking import git_commit
+
+if TYPE_CHECKING:  # imported where a sweep starts: it needs scipy
+    from gpool.sequential import Plan
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +175,7 @@ class SweepTracking(Callback):
         self.sweep_dir: Path | None = None
         self.margin = MARGIN  # the comparison's equivalence margin, from the config
         self.tune: list[str] | None = None  # keys a search tuned: the verdict picks their best
-        self.alpha = ALPHA  # ... and the level it decides at (see sequential_alpha)
+        self.plan: Plan | None = None  # a decide sweep's rule, which its verdict follows
         self.interrupted = False
 
     @staticmethod
@@ -200,10 +203,10 @@ class SweepTracking(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            from gpool.sequential import sequential_alpha  # scipy: only where a sweep starts
+            from gpool.sequential import plan_of  # scipy: only where a sweep starts
 
             check_sweep(config)
-            self.alpha = sequential_alpha(config)
+            self.plan = plan_of(config)
         except GpoolError as err:  # a callback's exception would only be a warning
             raise SystemExit(f"gpool: {err}") from None
         warn_unread(config)
@@ -254,7 +257,7 @@ class SweepTracking(Callback):
         run_id: str,
         out: Path,
         margin: float,
-        alpha: float,
+        plan: Plan | None,
         tune: list[str] | None = None,
     ) -> None:
         """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
@@ -263,7 +266,7 @@ class SweepTracking(Callback):
         from gpool.compare.publish import publish_comparison  # matplotlib: where a sweep ends
 
         try:
-            comparison, pointer = publish_comparison(client, run_id, out, margin, alpha, tune)
+            comparison, pointer = publish_comparison(client, run_id, out, margin, tune, plan)
         except (GpoolError, MlflowException) as err:
             log.info("no comparison on the sweep's run: %s", err)
             return
@@ -304,7 +307,7 @@ class SweepTracking(Callback):
             if completed or status != "KILLED":  # a stopped sweep is not over: no verdict
                 assert self.sweep_dir is not None
                 out = self.sweep_dir / COMPARISON_DIR
-                self.state_the_verdict(client, run_id, out, self.margin, self.alpha, self.tune)
+                self.state_the_verdict(client, run_id, out, self.margin, self.plan, self.tune)
         finally:  # whatever the comparison met, the sweep's run does not stay RUNNING
             client.set_terminated(run_id, status)
 

@@ -1,90 +1,22 @@
-"""hydra/sweeper=decide: rounds of seeds until every pair is decided, on a real sweep; and
-its sequential rule by simulation with known truth (no training): error rates within
-their Monte-Carlo bounds, and the seeds it spends against a fixed design."""
+"""hydra/sweeper=decide on real sweeps: rounds of seeds until every pair is settled, the
+planner in its log and on its run, a rerun that trains nothing, and the settings it refuses
+before any run exists. Its rule, by simulation with known truth: tests/test_sequential.py."""
 
 from __future__ import annotations
 
-import math
+import re
 
-import numpy as np
 import pytest
-from conftest import SHORT, job_runs, run_gpool, sweep_runs
+from conftest import SHORT, history, job_runs, run_gpool, sweep_runs
 
-from gpool import stats
-from gpool.names import DECIDED_TAG
-
-ALPHA = 0.05
-SWEEPS = 4000
-MARGIN = 0.5
-#: The rounds experiment=decide plans: 3, 6, 9, 12, 15 seeds per group.
-PLAN = stats.rounds(3, 3, 15)
-#: The test images' share of a difference's standard error (points): one draw per sweep,
-#: as every round scores the same test set; about the seed term's at 20 seeds, a harder
-#: case than FashionMNIST's quick sweep (0.07 points there, against 0.46 over 3 seeds).
-IMAGE_SE = 0.1
-
-
-def sequential(true_diff: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """SWEEPS simulated decide sweeps of two heads: per seed a shared seed effect (0.45
-    points) plus each head's own noise (0.3), the spread gpool's quick sweep shows, and the
-    test set's own draw of the difference (IMAGE_SE, the same in every round). Each round
-    looks at the seeds so far at look_alpha, its interval covering seeds and images, and
-    stops once decided. Returns every sweep's answer and the seeds per group it used."""
-    rng = np.random.default_rng(seed)
-    alpha = stats.look_alpha(ALPHA, len(PLAN))
-    answers, used = [], []
-    for _ in range(SWEEPS):
-        shared = rng.normal(88.0, 0.45, PLAN[-1])
-        a = shared + true_diff + rng.normal(0, IMAGE_SE) + rng.normal(0, 0.3, PLAN[-1])
-        b = shared + rng.normal(0, 0.3, PLAN[-1])
-        for n in PLAN:
-            d = stats.difference(a[:n], b[:n], True, IMAGE_SE**2)
-            interval = d.interval(1 - alpha)
-            answer = stats.decide(
-                d.p_difference(), d.p_equivalence(MARGIN), interval, MARGIN, alpha
-            )
-            if stats.decided([answer]):
-                break
-        answers.append(answer)
-        used.append(n)
-    return np.array(answers), np.array(used)
-
-
-def bound(rate: float) -> float:
-    return rate + 3 * math.sqrt(rate * (1 - rate) / SWEEPS)
-
-
-def test_no_true_difference_is_called_better_in_at_most_alpha_of_sequential_sweeps() -> None:
-    answers, used = sequential(0.0, seed=1)
-    assert np.isin(answers, [stats.BETTER, stats.BETTER_WITHIN]).mean() <= bound(ALPHA)
-    assert used.mean() < PLAN[-1]  # equivalence is usually shown before the last round
-
-
-def test_twice_the_margin_is_called_equivalent_in_at_most_alpha_of_sequential_sweeps() -> None:
-    answers, used = sequential(2 * MARGIN, seed=2)
-    assert (answers == stats.EQUIVALENT).mean() <= bound(ALPHA)
-    assert (answers == stats.BETTER).mean() > 0.9 and used.mean() < PLAN[-1] / 2
-
-
-def test_at_the_margin_the_sequential_rule_calls_equivalence_in_at_most_alpha() -> None:
-    answers, _ = sequential(MARGIN, seed=3)
-    assert (answers == stats.EQUIVALENT).mean() <= bound(ALPHA)
-
-
-def test_a_clear_difference_costs_fewer_seeds_than_a_fixed_design_of_the_same_power() -> None:
-    """At twice the margin most sweeps stop after two rounds, where a fixed design that
-    decides as often needs its seeds every time. (Close to the margin, looking five times
-    at a fifth of alpha costs seeds instead: the README's table states both.)"""
-    answers, used = sequential(2 * MARGIN, seed=4)
-    power = min(0.99, float(np.mean(answers != stats.UNDECIDED)))
-    spread = math.sqrt(2) * 0.3
-    fixed = stats.seeds_to_decide(spread, 2 * MARGIN, MARGIN, True, ALPHA, power, IMAGE_SE**2)
-    assert used.mean() < fixed, (used.mean(), fixed, power)
+from gpool.names import DECIDED_TAG, PLAN_TAG
 
 
 @pytest.mark.process
 def test_a_decide_sweep_stops_when_decided_and_a_rerun_trains_nothing(tmp_path, idx_root) -> None:
-    """An lr of 1e-6 against 1e-2: decided ("better") after the first round of 3 seeds."""
+    """An lr of 1e-6 against 1e-2: looks at 3, 4, 5... seeds a group, the planner's outlook
+    after each in the log and on the sweep's run, until the rule answers "better" (long
+    before max_seeds); the verdict is the rule's, its interval the look's repeated one."""
     args = (
         "hydra/sweeper=decide",
         "optimizer.lr=1e-6,1e-2",
@@ -94,15 +26,27 @@ def test_a_decide_sweep_stops_when_decided_and_a_rerun_trains_nothing(tmp_path, 
     )
     proc = run_gpool(tmp_path, idx_root, *args, multirun=True)
     assert proc.returncode == 0, proc.stderr
-    assert "decided after 3 seeds per group" in proc.stdout, proc.stdout
-    assert len(job_runs(tmp_path)) == 6
+    found = re.search(r"decided after (\d+) seeds per group \(max_seeds 12\)", proc.stdout)
+    assert found, proc.stdout
+    n = int(found[1])
+    assert 3 < n < 12 and len(job_runs(tmp_path)) == 2 * n
+    looks = re.findall(r"look at (\d+) seeds per group", proc.stdout)
+    assert looks == [str(m) for m in range(3, n + 1)]
+    assert "the planner speaks after the first look, at 3 seeds a group" in proc.stdout
+    assert "to decide optimizer.lr=0.01 vs optimizer.lr=1e-06, expect about" in proc.stdout
     (sweep,) = sweep_runs(tmp_path)
-    assert sweep.data.tags[DECIDED_TAG] == "after 3 seeds per group"
+    assert sweep.data.tags[DECIDED_TAG] == f"decided after {n} seeds per group"
+    assert sweep.data.tags[PLAN_TAG].startswith("first_round=3 seeds_per_round=1 max_seeds=12")
+    pair = "optimizer.lr.0.01/vs/optimizer.lr.1e-06"
+    steps = [step for step, _ in history(tmp_path, sweep.info.run_id, f"{pair}.p_decided")]
+    assert sorted(steps) == list(range(3, n))  # the outlook of every look still undecided
     note = sweep.data.tags["mlflow.note.content"]
     assert note.startswith("Verdict: optimizer.lr=0.01 is better than optimizer.lr=1e-06")
+    assert "% repeated CI [" in note and "Answered by the decide sweeper's rule" in note
     again = run_gpool(tmp_path, idx_root, *args, multirun=True)
-    assert again.returncode == 0 and again.stdout.count("skipping") == 6, again.stdout
-    assert len(job_runs(tmp_path)) == 6
+    assert again.returncode == 0 and again.stdout.count("skipping") == 2 * n, again.stdout
+    assert f"decided after {n} seeds per group" in again.stdout
+    assert len(job_runs(tmp_path)) == 2 * n
 
 
 @pytest.mark.process
@@ -116,6 +60,8 @@ def test_a_decide_sweep_stops_when_decided_and_a_rerun_trains_nothing(tmp_path, 
             "first_round must be a whole number >= 3",
         ),
         (("pool=avg,max", "compare.margin=abc"), "compare.margin must be a number of points"),
+        (("pool=avg,max", "hydra.sweeper.spending=linear"), "spending must be one of"),
+        (("pool=avg,max", "hydra.sweeper.futility=1.5"), "futility must be in [0, 1)"),
     ],
 )
 def test_a_decide_sweep_it_cannot_run_is_one_line(

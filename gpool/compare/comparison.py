@@ -17,6 +17,7 @@ from gpool.compare.verdict import GroupSummary, PairResult, pair_results, verdic
 from gpool.errors import GpoolError
 from gpool.levels import ALPHA, MARGIN
 from gpool.names import COMPARISON_DIR, REPORT_FILE
+from gpool.sequential import Plan
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Comparison:
     factors: list[str] = field(default_factory=list)  # what the groups differ in
     pairs: list[PairResult] = field(default_factory=list)  # every pair's answer
     margin: float = MARGIN  # the equivalence margin the answers used
-    alpha: float = ALPHA  # ... and their level
+    plan: Plan | None = None  # a decide sweep's rule, which answered the pairs
 
     @property
     def split(self) -> str:
@@ -51,17 +52,18 @@ class Comparison:
 
 
 def compare_groups(
-    groups: Sequence[Group], detect: float | None, margin: float, alpha: float
+    groups: Sequence[Group], detect: float | None, margin: float, plan: Plan | None = None
 ) -> tuple[list[GroupSummary], list[PairResult], str, str]:
-    """The groups' summaries, every pair's result, the verdict and the Markdown table."""
+    """The groups' summaries, every pair's result (at ALPHA, or by a decide sweep's rule),
+    the verdict and the Markdown table."""
     samples = [g.sample() for g in groups]
     summaries = [
         GroupSummary.of(s, g.values("best"), g.values("best_epoch"))
         for s, g in zip(samples, groups, strict=True)
     ]
-    pairs = pair_results(samples, detect, margin, alpha)
-    line = verdict(samples, pairs, margin, alpha)
-    return summaries, pairs, line, markdown(summaries, pairs, line, groups[0].split, alpha)
+    pairs = pair_results(samples, detect, margin, ALPHA, plan)
+    line = verdict(samples, pairs, margin, plan)
+    return summaries, pairs, line, markdown(summaries, pairs, line, groups[0].split, plan)
 
 
 def compare_jobs(
@@ -71,10 +73,11 @@ def compare_jobs(
     detect: float | None = None,
     tune: Sequence[str] | None = None,
     margin: float = MARGIN,
-    alpha: float = ALPHA,
+    plan: Plan | None = None,
 ) -> Comparison:
-    """Compare the FINISHED runs among `jobs` (of sweep `parent`, if any); the others, and a
-    sweep's jobs without a run, are listed as not compared."""
+    """Compare the FINISHED runs among `jobs` (of sweep `parent`, if any; by the rule of
+    its `plan` if a decide sweep); the others, and a sweep's jobs without a run, are
+    listed as not compared."""
     runs = [r for r in jobs if r.info.status == "FINISHED" and "val_acc" in r.data.metrics]
     missing = missing_jobs(parent, jobs)
     if not runs:
@@ -86,7 +89,7 @@ def compare_jobs(
         names, groups, chosen = tune_groups(curves, names, tune)
     else:
         groups = group_by(curves, names)
-    summaries, pairs, line, table = compare_groups(groups, detect, margin, alpha)
+    summaries, pairs, line, table = compare_groups(groups, detect, margin, plan)
     if chosen:
         table = (
             f"Tuned {' '.join(tune or [])} on the validation split; chosen per group:\n"
@@ -97,4 +100,4 @@ def compare_jobs(
         table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
     source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
     header = f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}"
-    return Comparison(header, table, line, summaries, groups, names, pairs, margin, alpha)
+    return Comparison(header, table, line, summaries, groups, names, pairs, margin, plan)

@@ -19,8 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from gpool import PROJECT_ROOT
 from gpool.compare.comparison import Comparison, compare_jobs
 from gpool.compare.render import forest_rows, pairwise_cells
-from gpool.compare.verdict import ci_label
-from gpool.levels import ALPHA, MARGIN
+from gpool.levels import MARGIN
 from gpool.names import (
     COMPARISON_CURVES_FILE,
     COMPARISON_DIR,
@@ -30,6 +29,7 @@ from gpool.names import (
     TABLE_FILE,
 )
 from gpool.plots import plot_forest, plot_group_curves, plot_pairwise
+from gpool.sequential import Plan
 from gpool.store import sweep_jobs
 from gpool.ui import share_comparison, ui_pointer
 
@@ -55,7 +55,7 @@ def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
     paths.append(plot_group_curves(curves, out / COMPARISON_CURVES_FILE))
     if comparison.pairs:
         rows = forest_rows(comparison.summaries, comparison.pairs)
-        interval = f"its {ci_label(comparison.alpha)}"
+        interval = f"its {comparison.pairs[0].ci_label}"
         forest = out / FOREST_FILE
         paths.append(
             plot_forest(rows, comparison.margin, f"{comparison.split} acc", interval, forest)
@@ -125,14 +125,14 @@ def publish_comparison(
     run_id: str,
     out: Path,
     margin: float = MARGIN,
-    alpha: float = ALPHA,
     tune: Sequence[str] | None = None,
+    plan: Plan | None = None,
 ) -> tuple[Comparison, str]:
     """At the end of a sweep: compare its jobs (each group at its best `tune` values, for a
-    search), write the report to `out` and put it on the sweep's parent run; returns the
-    comparison and where the UI shows it."""
+    search; by its rule, for a decide sweep), write the report to `out` and put it on the
+    sweep's parent run; returns the comparison and where the UI shows it."""
     parent = client.get_run(run_id)
     jobs = sweep_jobs(client, parent)
-    comparison = compare_jobs(client, parent, jobs, tune=tune, margin=margin, alpha=alpha)
+    comparison = compare_jobs(client, parent, jobs, tune=tune, margin=margin, plan=plan)
     made = f"made {date.today().isoformat()} as the sweep ended"
     return comparison, publish(client, parent, comparison, report_files(out, comparison, made))

@@ -9,9 +9,10 @@ import math
 from collections.abc import Sequence
 
 from gpool import stats
-from gpool.compare.verdict import GroupSummary, PairResult, ci_label, pair_of
-from gpool.levels import ALPHA, POWER
+from gpool.compare.verdict import GroupSummary, PairResult, pair_of
+from gpool.levels import POWER
 from gpool.plots import LEADER
+from gpool.sequential import Plan
 
 
 def fmt(value: float, digits: int = 2) -> str:
@@ -23,9 +24,9 @@ def markdown(
     pairs: Sequence[PairResult],
     line: str,
     split: str,
-    alpha: float = ALPHA,
+    plan: Plan | None = None,
 ) -> str:
-    """The groups' table, the pairs' table, why any interval covers seeds alone, the level
+    """The groups' table, the pairs' table, why any interval covers seeds alone, the rule
     of a sequential sweep, and the verdict."""
     out = [
         f"| group | n | final {split} acc % (mean ± std) | 95 % CI | best val acc % (mean ± std) "
@@ -39,33 +40,42 @@ def markdown(
             f"{s.best_epoch_mean:.1f} |"
         )
     if pairs:
-        out += ["", *pair_table(pairs, alpha)]
+        out += ["", *pair_table(pairs)]
     if alone := sorted({p.seeds_alone_because for p in pairs} - {""}):
         out += [
             "",
             "Intervals over seeds alone, not the test images (the runs logged no usable "
             "per-image predictions): " + "; ".join(alone[:3]) + ("; ..." if len(alone) > 3 else ""),
         ]
-    if alpha < ALPHA:
-        out += [
-            "",
-            f"Each pair is decided at α = {alpha:.3g}: a sequential sweep's share of {ALPHA} "
-            "over its planned rounds (Bonferroni), so that looking after every round keeps "
-            f"the chance of any wrong answer below {ALPHA}.",
-        ]
+    if plan is not None:
+        out += ["", rule_note(plan, len(pairs))]
     return "\n".join(out + ["", f"Verdict: {line}", ""])
 
 
-def pair_table(pairs: Sequence[PairResult], alpha: float = ALPHA) -> list[str]:
+def rule_note(plan: Plan, pairs: int) -> str:
+    """How a decide sweep's pairs were answered (gpool.sequential), in a sentence."""
+    shared = f"{plan.alpha:g} over the {pairs} pairs, each" if pairs > 1 else f"{plan.alpha:g}"
+    return (
+        f"Answered by the decide sweeper's rule: {shared} spent over its looks at "
+        f"{plan.first_round} to {plan.max_seeds} seeds a group "
+        f"({plan.spending.replace('_', '-')}-type spending by seeds seen / max_seeds); each "
+        "interval is that look's repeated confidence interval, which holds whatever look "
+        f"the sweep stopped at; a pair whose chance of an answer by {plan.max_seeds} seeds "
+        f"fell below {plan.futility:g} is undecidable."
+    )
+
+
+def pair_table(pairs: Sequence[PairResult]) -> list[str]:
     detect = pairs[0].seeds_needed is not None
     head = (
-        f"| A | B | answer | A − B (points) | {ci_label(alpha)} | covers | test | p (Holm) | "
+        f"| A | B | answer | A − B (points) | {pairs[0].ci_label} | covers | test | p (Holm) | "
         f"equivalence p (TOST, Holm) | P(A > B) | detectable at {POWER:.0%} power (points) | "
         "seeds to decide |" + (" seeds a group for the --detect difference |" * detect)
     )
     out = [head, "| --- " * (12 + detect) + "|"]
     for p in pairs:
-        to_decide = fmt(p.seeds_to_decide, 0) if p.answer == stats.UNDECIDED else "-"
+        open_ = p.answer in (stats.UNDECIDED, stats.UNDECIDABLE)
+        to_decide = fmt(p.seeds_to_decide, 0) if open_ else "-"
         improvement = (
             f"{fmt(p.p_improvement)} [{fmt(p.p_improvement_low)}, {fmt(p.p_improvement_high)}]"
         )

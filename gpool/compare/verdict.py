@@ -15,9 +15,10 @@ from functools import cached_property
 import numpy as np
 from scipy.stats import t as student_t
 
-from gpool import stats
+from gpool import sequential, stats
 from gpool.levels import ALPHA, MARGIN, POWER
 from gpool.predictions import ImageScores
+from gpool.sequential import Plan
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,6 +159,7 @@ class PairResult:
     diff: float
     ci_low: float
     ci_high: float
+    ci_level: float  # the interval's level: 1 - alpha, or a sequential look's (repeated)
     covers: str  # what the interval covers: seeds alone, or seeds and N images
     seeds_alone_because: str  # why not the images too ("" when it covers them)
     test: str  # paired t or Welch
@@ -173,6 +175,15 @@ class PairResult:
     p_holm: float = math.nan
     p_equivalence_holm: float = math.nan
     answer: str = stats.UNDECIDED
+    #: Under a sequential rule, the chance of an answer by its max_seeds and the seeds a
+    #: group the pair will likely have run then (gpool.sequential.outlook).
+    p_decided: float = math.nan
+    expected_seeds: float = math.nan
+    repeated: bool = False  # the interval is a sequential look's repeated one
+
+    @property
+    def ci_label(self) -> str:
+        return f"{self.ci_level * 100:.4g}% {'repeated ' * self.repeated}CI"
 
     def flipped(self) -> PairResult:
         """The same pair with B as A."""
@@ -204,6 +215,7 @@ def pair_results(
     detect: float | None = None,
     margin: float = MARGIN,
     alpha: float = ALPHA,
+    plan: Plan | None = None,
 ) -> list[PairResult]:
     """Every pair of groups: the difference with its 1 - `alpha` interval (over seeds and
     test images when the runs logged their predictions), the test of a difference and
@@ -212,49 +224,104 @@ def pair_results(
     at `alpha`; the seeds per group that would most likely decide an undecided pair at
     `alpha` split over the pairs (Bonferroni: Holm's strictest step, so the count still
     holds in a table of many pairs); given `detect` points, also the seeds a group would
-    need to detect that."""
+    need to detect that. Under a decide sweep's `plan`, each pair is answered by its
+    sequential rule instead (see sequential_result)."""
     draws = image_draws(samples)
     plan_alpha = alpha / max(1, math.comb(len(samples), 2))
-    results = []
-    for a, b in itertools.combinations(samples, 2):
-        pair = Pair.of(a, b, draws)
-        d = pair.points()
-        low, high = d.interval(1 - alpha)
-        improvement, improvement_low, improvement_high = pair.improvement(1 - alpha)
-        results.append(
-            PairResult(
-                a=a.name,
-                b=b.name,
-                diff=d.diff,
-                ci_low=low,
-                ci_high=high,
-                covers=pair.covers,
-                seeds_alone_because=pair.images if isinstance(pair.images, str) else "",
-                test=pair.test,
-                t=d.diff / d.se if d.testable else math.nan,
-                p=d.p_difference(),
-                p_equivalence=d.p_equivalence(margin),
-                p_improvement=improvement,
-                p_improvement_low=improvement_low,
-                p_improvement_high=improvement_high,
-                detectable=pair.detectable(alpha),
-                seeds_to_decide=stats.seeds_to_decide(
-                    pair.spread(), d.diff, margin, pair.paired, plan_alpha, POWER, pair.image_var
-                ),
-                seeds_needed=None if detect is None else pair.seeds_needed(detect, alpha),
-            )
-        )
+    pairs = [Pair.of(a, b, draws) for a, b in itertools.combinations(samples, 2)]
+    names = [(a.name, b.name) for a, b in itertools.combinations(samples, 2)]
+    results = [
+        measure(pair, a, b, margin, alpha, plan_alpha, detect)
+        for pair, (a, b) in zip(pairs, names, strict=True)
+    ]
     holm_diff = stats.holm([r.p for r in results])
     holm_equiv = stats.holm([r.p_equivalence for r in results])
+    results = [
+        replace(r, p_holm=p_diff, p_equivalence_holm=p_equiv)
+        for r, p_diff, p_equiv in zip(results, holm_diff, holm_equiv, strict=True)
+    ]
+    if plan is not None:
+        return [
+            sequential_result(r, pair, plan, len(pairs))
+            for r, pair in zip(results, pairs, strict=True)
+        ]
     return [
         replace(
             r,
-            p_holm=p_diff,
-            p_equivalence_holm=p_equiv,
-            answer=stats.decide(p_diff, p_equiv, (r.ci_low, r.ci_high), margin, alpha),
+            answer=stats.decide(
+                r.p_holm, r.p_equivalence_holm, (r.ci_low, r.ci_high), margin, alpha
+            ),
         )
-        for r, p_diff, p_equiv in zip(results, holm_diff, holm_equiv, strict=True)
+        for r in results
     ]
+
+
+def measure(
+    pair: Pair,
+    a: str,
+    b: str,
+    margin: float,
+    alpha: float,
+    plan_alpha: float,
+    detect: float | None,
+) -> PairResult:
+    """A pair's numbers before the family's adjustment: the difference and its 1 - alpha
+    interval, both tests' p-values, P(A > B), the detectable difference and the seeds that
+    would decide it (at `plan_alpha`), or detect `detect` points."""
+    d = pair.points()
+    low, high = d.interval(1 - alpha)
+    improvement, improvement_low, improvement_high = pair.improvement(1 - alpha)
+    return PairResult(
+        a=a,
+        b=b,
+        diff=d.diff,
+        ci_low=low,
+        ci_high=high,
+        ci_level=1 - alpha,
+        covers=pair.covers,
+        seeds_alone_because=pair.images if isinstance(pair.images, str) else "",
+        test=pair.test,
+        t=d.diff / d.se if d.testable else math.nan,
+        p=d.p_difference(),
+        p_equivalence=d.p_equivalence(margin),
+        p_improvement=improvement,
+        p_improvement_low=improvement_low,
+        p_improvement_high=improvement_high,
+        detectable=pair.detectable(alpha),
+        seeds_to_decide=stats.seeds_to_decide(
+            pair.spread(), d.diff, margin, pair.paired, plan_alpha, POWER, pair.image_var
+        ),
+        seeds_needed=None if detect is None else pair.seeds_needed(detect, alpha),
+    )
+
+
+def sequential_result(result: PairResult, pair: Pair, plan: Plan, pairs: int) -> PairResult:
+    """A pair's result under a decide sweep's rule (gpool.sequential): its answer at the
+    look at its seeds, the repeated confidence interval of that look, and, where it is
+    still undecided, its outlook, "undecidable" when unlikely to be decided by max_seeds
+    (a paired pair of at least two seeds; others stay undecided)."""
+    seeds = min(len(pair.a), len(pair.b))
+    look = sequential.decide(pair.points(), seeds, plan, pairs)
+    result = replace(
+        result,
+        answer=look.answer,
+        ci_low=look.low,
+        ci_high=look.high,
+        ci_level=look.level,
+        repeated=True,
+    )
+    if look.answer != stats.UNDECIDED or not pair.paired or seeds >= plan.max_seeds:
+        return result
+    d = (pair.a - pair.b) * 100
+    rng = np.random.default_rng(0)
+    seen = sequential.outlook(seeds, d.mean(), d.var(ddof=1), pair.image_var, plan, rng, pairs)
+    futile = plan.futility > 0 and seen.decided[0] < plan.futility
+    return replace(
+        result,
+        answer=stats.UNDECIDABLE if futile else result.answer,
+        p_decided=float(seen.decided[0]),
+        expected_seeds=float(seen.seeds[0]),
+    )
 
 
 def pair_of(pairs: Sequence[PairResult], a: str, b: str) -> PairResult:
@@ -262,8 +329,10 @@ def pair_of(pairs: Sequence[PairResult], a: str, b: str) -> PairResult:
     return next(p for p in pairs if {p.a, p.b} == {a, b}).from_side(a)
 
 
-def answer_words(pair: PairResult, margin: float) -> str:
+def answer_words(pair: PairResult, margin: float, plan: Plan | None = None) -> str:
     """A pair's answer in words, as the verdict leads with it."""
+    if pair.answer == stats.UNDECIDABLE and plan is not None:
+        return f"{pair.a} vs {pair.b}: undecidable within {plan.max_seeds} seeds a group"
     if pair.answer in (stats.BETTER, stats.BETTER_WITHIN):
         winner, loser = (pair.a, pair.b) if pair.diff > 0 else (pair.b, pair.a)
         within = ", by less than the margin" if pair.answer == stats.BETTER_WITHIN else ""
@@ -273,23 +342,20 @@ def answer_words(pair: PairResult, margin: float) -> str:
     return f"{pair.a} vs {pair.b}: undecided"
 
 
-def ci_label(alpha: float) -> str:
-    return f"{(1 - alpha) * 100:.4g}% CI"
-
-
 def verdict(
     samples: Sequence[Sample],
     pairs: Sequence[PairResult],
     margin: float = MARGIN,
-    alpha: float = ALPHA,
+    plan: Plan | None = None,
 ) -> str:
     """The answer for the leader against the runner-up, in words first, then the numbers
-    behind it; for an undecided pair, how many seeds per group would most likely decide."""
+    behind it; for an undecided pair, how many seeds per group would most likely decide
+    (and under a decide sweep's plan, what it likely comes to by its max_seeds)."""
     if len(samples) < 2:
         return f"only one group ({samples[0].name}): nothing to compare"
     top, second = sorted(samples, key=lambda s: s.scores.mean(), reverse=True)[:2]
     pair = pair_of(pairs, top.name, second.name)
-    words = answer_words(pair, margin)
+    words = answer_words(pair, margin, plan)
     if math.isnan(pair.p):
         return (
             f"{words} ({top.name} leads by {pair.diff:.2f} points of final {top.split} acc; no "
@@ -298,13 +364,18 @@ def verdict(
     family = f", Holm over {len(pairs)} pairs" if len(pairs) > 1 else ""
     numbers = (
         f"{top.name} − {second.name} = {pair.diff:+.2f} points of final {top.split} acc, "
-        f"{ci_label(alpha)} [{pair.ci_low:+.2f}, {pair.ci_high:+.2f}] over {pair.covers}; "
+        f"{pair.ci_label} [{pair.ci_low:+.2f}, {pair.ci_high:+.2f}] over {pair.covers}; "
         f"{pair.test} p={pair.p_holm:.3g}, equivalence within ±{margin:g} (TOST) "
         f"p={pair.p_equivalence_holm:.3g}{family}; P({top.name} > {second.name}) = "
         f"{pair.p_improvement:.2f} [{pair.p_improvement_low:.2f}, {pair.p_improvement_high:.2f}]"
     )
     more = pair.seeds_to_decide
-    if pair.answer != stats.UNDECIDED or math.isnan(more):
+    if not math.isnan(pair.p_decided):
+        numbers += (
+            f"; by max_seeds P(decided) = {pair.p_decided:.2f}, expect about "
+            f"{pair.expected_seeds:.0f} seeds a group"
+        )
+    if pair.answer not in (stats.UNDECIDED, stats.UNDECIDABLE) or math.isnan(more):
         return f"{words} ({numbers})"
     if math.isinf(more):
         return (

@@ -25,23 +25,40 @@ from gpool.sweepers import GroupSweeper
 
 class DecideSweeper(GroupSweeper):
     """A Hydra sweeper: rounds of seeds over the other factors' combinations, each round one
-    launch, compared after each, stopped when decided (gpool.decide). Its settings are
-    read from the sweep's config (hydra.sweeper), where the sweep's closing verdict and
-    its check read them too."""
+    launch, compared after each by its rule (gpool.sequential.Plan), stopped when every
+    pair is answered or undecidable (gpool.decide)."""
 
     name, least = "hydra/sweeper=decide", 2
 
-    def __init__(self, params: Mapping[str, str] | None = None, **settings: object) -> None:
+    def __init__(
+        self,
+        first_round: int,
+        seeds_per_round: int,
+        max_seeds: int,
+        spending: str,
+        futility: float,
+        params: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(params)
+        self.settings = {
+            "first_round": first_round,
+            "seeds_per_round": seeds_per_round,
+            "max_seeds": max_seeds,
+            "spending": spending,
+            "futility": futility,
+        }
 
     @classmethod
     def check(cls, config: DictConfig) -> list[list[str]]:
-        from gpool.sequential import schedule
+        from gpool.sequential import plan_of
 
-        schedule(config)
+        plan_of(config)
         return super().check(config)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         from gpool import decide
+        from gpool.sequential import Plan
 
-        return decide.rounds(self, arguments)
+        assert self.config is not None
+        plan = Plan.of(self.settings, float(self.config.compare.margin))
+        return decide.rounds(self, plan, arguments)
