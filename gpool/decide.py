@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from gpool import stats
 from gpool.compare.comparison import Comparison, compare_jobs
 from gpool.compare.publish import metric_key
-from gpool.compare.verdict import PairResult
+from gpool.compare.render import outlook_line
 from gpool.errors import GpoolError
 from gpool.names import DECIDED_TAG, PARENT_RUN_ENV, PLAN_TAG
 from gpool.sequential import Plan
@@ -37,8 +37,8 @@ def rounds(sweeper: GroupSweeper, plan: Plan, arguments: list[str]) -> list[Sequ
     assert sweeper.config is not None and sweeper.launcher is not None
     groups = sweeper.groups(arguments)
     client, parent = sweep_run(sweeper.config)
-    client.set_tag(parent.info.run_id, PLAN_TAG, describe(plan))
-    log.info("decide sweep: %s", describe(plan))
+    client.set_tag(parent.info.run_id, PLAN_TAG, plan.text())
+    log.info("decide sweep: %s", plan.text())
     plan_ahead(client, parent, plan)
     returns: list[Sequence[JobReturn]] = []
     done = 0
@@ -114,33 +114,6 @@ def report(client: MlflowClient, run_id: str, n: int, comparison: Comparison) ->
             if not math.isnan(value)
         ]
     client.log_batch(run_id, metrics=metrics)
-
-
-def outlook_line(pair: PairResult, n: int) -> str:
-    """The planner's sentence for a pair after a look at n seeds a group."""
-    if pair.answer not in (stats.UNDECIDED, stats.UNDECIDABLE):
-        return f"{pair.a} vs {pair.b}: {pair.answer} at {n} seeds a group"
-    if math.isnan(pair.p_decided):
-        return f"{pair.a} vs {pair.b}: {pair.answer}; no outlook (needs paired seeds that vary)"
-    more = max(0.0, pair.expected_seeds - n)
-    head = f"{pair.a} vs {pair.b}: {pair.answer}"
-    if pair.answer == stats.UNDECIDABLE:
-        needed = pair.seeds_to_decide
-        likely = "no seed count" if math.isinf(needed) else f"about {needed:.0f} seeds a group"
-        return f"{head}: P(decided by max_seeds) = {pair.p_decided:.2f}; {likely} would decide it"
-    return (
-        f"to decide {pair.a} vs {pair.b}, expect about {more:.0f} more seeds a head "
-        f"(P(decided by max_seeds) = {pair.p_decided:.2f})"
-    )
-
-
-def describe(plan: Plan) -> str:
-    """The plan in words, as the sweep's run keeps it (PLAN_TAG)."""
-    return (
-        f"first_round={plan.first_round} seeds_per_round={plan.seeds_per_round} "
-        f"max_seeds={plan.max_seeds} spending={plan.spending} futility={plan.futility:g} "
-        f"margin={plan.margin:g}"
-    )
 
 
 def sweep_run(config) -> tuple[MlflowClient, Run]:

@@ -80,6 +80,26 @@ class Plan:
         keys = ("first_round", "seeds_per_round", "max_seeds", "spending", "futility")
         return cls(**{k: settings[k] for k in keys}, margin=margin)
 
+    def text(self) -> str:
+        """The plan in words, as a decide sweep's run keeps it (names.PLAN_TAG)."""
+        return (
+            f"first_round={self.first_round} seeds_per_round={self.seeds_per_round} "
+            f"max_seeds={self.max_seeds} spending={self.spending} futility={self.futility:g} "
+            f"margin={self.margin:g}"
+        )
+
+    @classmethod
+    def from_text(cls, text: str) -> Plan:
+        """The plan `text` wrote (what a sweep's run says; GpoolError if it is no plan)."""
+        try:
+            values = dict(item.split("=", 1) for item in text.split())
+            counts = ("first_round", "seeds_per_round", "max_seeds")
+            settings = {key: int(values[key]) for key in counts}
+            settings.update(spending=values["spending"], futility=float(values["futility"]))
+            return cls(**settings, margin=float(values["margin"]))
+        except (KeyError, ValueError) as err:
+            raise GpoolError(f"{text!r} is no decide sweep's plan ({err})") from None
+
     def looks(self) -> list[int]:
         """Seeds per group at each planned look."""
         return stats.rounds(self.first_round, self.seeds_per_round, self.max_seeds)

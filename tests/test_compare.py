@@ -261,6 +261,18 @@ def test_the_sweeps_run_states_the_verdict_when_the_sweep_ends(sweep: Path) -> N
     assert "as the sweep ended" in (folder / "comparison.md").read_text().splitlines()[0]
 
 
+def test_the_planner_speaks_of_any_sweep(sweep: Path, tmp_path: Path) -> None:
+    """`--plan` on a sweep of the basic sweeper: the decide sweeper's defaults (it kept no
+    plan), each pair answered or given its outlook at the sweep's 3 seeds a group."""
+    proc = compare(sweep, tmp_path / "out", "--plan")
+    assert proc.returncode == 0, proc.stderr
+    head = "The decide sweeper's outlook at 3 seeds a group (first_round=3 seeds_per_round=1"
+    assert head in proc.stdout
+    (line,) = [row for row in proc.stdout.splitlines() if row.startswith("- ")]
+    assert "pool=avg vs pool=max" in line
+    assert "expect about" in line or "undecidable" in line or "at 3 seeds a group" in line
+
+
 def test_compare_by_filter_parent_and_experiment(sweep: Path, tmp_path: Path) -> None:
     proc = compare(sweep, tmp_path / "a", "--filter", "tags.pool = 'max'")
     assert proc.returncode == 0, proc.stderr

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import SHORT, history, job_runs, run_gpool, sweep_runs
+from conftest import SHORT, compare, history, job_runs, run_gpool, sweep_runs
 
 from gpool.names import DECIDED_TAG, PLAN_TAG
 
@@ -43,6 +43,14 @@ def test_a_decide_sweep_stops_when_decided_and_a_rerun_trains_nothing(tmp_path, 
     note = sweep.data.tags["mlflow.note.content"]
     assert note.startswith("Verdict: optimizer.lr=0.01 is better than optimizer.lr=1e-06")
     assert "% repeated CI [" in note and "Answered by the decide sweeper's rule" in note
+    planned = compare(tmp_path, tmp_path / "cmp", "--plan")  # the sweep's own plan
+    assert planned.returncode == 0, planned.stderr
+    pair_line = f"- optimizer.lr=0.01 vs optimizer.lr=1e-06: better at {n} seeds a group"
+    assert pair_line in planned.stdout
+    wider = compare(tmp_path, tmp_path / "cmp", "--plan", "20")
+    assert f"outlook at {n} seeds a group (first_round=3 seeds_per_round=1 max_seeds=20" in (
+        wider.stdout
+    )
     again = run_gpool(tmp_path, idx_root, *args, multirun=True)
     assert again.returncode == 0 and again.stdout.count("skipping") == 2 * n, again.stdout
     assert f"decided after {n} seeds per group" in again.stdout

@@ -16,11 +16,23 @@ import argparse
 import math
 import shlex
 import sys
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from gpool import PROJECT_ROOT
 from gpool.errors import GpoolError
 from gpool.levels import MARGIN, POWER
+from gpool.names import PLAN_TAG
+
+if TYPE_CHECKING:  # imported once the arguments are read: --help answers at once
+    from mlflow.entities import Run
+
+    from gpool.compare.comparison import Comparison
+
+#: The decide sweeper's defaults, for --plan on a sweep that kept no plan of its own.
+DECIDE_DEFAULTS = PROJECT_ROOT / "conf" / "hydra" / "sweeper" / "decide.yaml"
 
 
 def positive_points(text: str) -> float:
@@ -76,6 +88,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help="also state, per pair, the seeds per group needed to detect a difference of "
         f"POINTS points of accuracy at {POWER * 100:.0f}%% power",
     )
+    parser.add_argument(
+        "--plan",
+        nargs="?",
+        const=0,
+        type=int,
+        metavar="MAX_SEEDS",
+        help="also the decide sweeper's outlook for each pair it would leave open: the seeds "
+        "a head it will likely take, and P(decided by MAX_SEEDS) (default: the sweep's own "
+        "plan, else hydra/sweeper=decide's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -120,6 +142,8 @@ def main(argv: list[str] | None = None) -> str:
     except OSError as err:
         raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
     print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}", flush=True)
+    if args.plan is not None:
+        print(outlook(comparison, parent, args.plan), flush=True)
     if parent is not None:
         try:
             print(publish(client, parent, comparison, paths))
@@ -130,6 +154,30 @@ def main(argv: list[str] | None = None) -> str:
                 f"({first})"
             ) from None
     return comparison.line
+
+
+def outlook(comparison: Comparison, parent: Run | None, most: int) -> str:
+    """Each pair's outlook under the decide sweeper's rule (gpool.sequential): the sweep's
+    own plan (its run's PLAN_TAG), else the decide sweeper's defaults; `most` (> 0)
+    replaces its max_seeds."""
+    from gpool.compare.comparison import compare_groups
+    from gpool.compare.render import outlook_line
+    from gpool.sequential import Plan
+
+    text = parent.data.tags.get(PLAN_TAG) if parent is not None else None
+    if text is None:
+        from omegaconf import OmegaConf
+
+        plan = Plan.of(OmegaConf.load(DECIDE_DEFAULTS), comparison.margin)
+    else:
+        plan = replace(Plan.from_text(text), margin=comparison.margin)
+    seeds = min(len(group.runs) for group in comparison.groups)
+    if most:
+        plan = replace(plan, max_seeds=max(most, plan.first_round))
+    _, pairs, _, _ = compare_groups(comparison.groups, None, comparison.margin, plan)
+    lines = [outlook_line(pair, seeds) for pair in pairs]
+    head = f"The decide sweeper's outlook at {seeds} seeds a group ({plan.text()}):"
+    return "\n".join([head, *(f"- {line}" for line in lines)])
 
 
 def run() -> None:

@@ -121,3 +121,21 @@ def pairwise_cells(pairs: Sequence[PairResult]) -> dict[tuple[str, str], dict]:
         for side in (pair, pair.flipped()):
             cells[(side.a, side.b)] = {"diff": side.diff, "answer": side.side_answer()}
     return cells
+
+
+def outlook_line(pair: PairResult, n: int) -> str:
+    """The planner's sentence for a pair after a look at n seeds a group."""
+    if pair.answer not in (stats.UNDECIDED, stats.UNDECIDABLE):
+        return f"{pair.a} vs {pair.b}: {pair.answer} at {n} seeds a group"
+    if math.isnan(pair.p_decided):
+        return f"{pair.a} vs {pair.b}: {pair.answer}; no outlook (needs paired seeds that vary)"
+    more = max(0.0, pair.expected_seeds - n)
+    head = f"{pair.a} vs {pair.b}: {pair.answer}"
+    if pair.answer == stats.UNDECIDABLE:
+        needed = pair.seeds_to_decide
+        likely = "no seed count" if math.isinf(needed) else f"about {needed:.0f} seeds a group"
+        return f"{head}: P(decided by max_seeds) = {pair.p_decided:.2f}; {likely} would decide it"
+    return (
+        f"to decide {pair.a} vs {pair.b}, expect about {more:.0f} more seeds a head "
+        f"(P(decided by max_seeds) = {pair.p_decided:.2f})"
+    )
