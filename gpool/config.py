@@ -57,8 +57,9 @@ def threads_per_job() -> int | None:
 
     A launcher that gives each job `cpus_per_task` (submitit) sets the count; one that runs
     jobs side by side on this machine (joblib's `n_jobs`, -1 = one per core; submitit's
-    `array_parallelism`) shares the cores among them; with jobs one after another (the
-    basic launcher), None keeps torch's default.
+    `array_parallelism`) shares the cores among them (hydra/launcher=auto gives its jobs
+    trainer.threads itself: gpool.parallel); with jobs one after another (the basic
+    launcher), None keeps torch's default.
     """
     if not HydraConfig.initialized():
         return None

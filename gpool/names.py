@@ -59,6 +59,7 @@ SWEPT_KEYS_ENV = "GPOOL_SWEPT_KEYS"
 #: The sweep's launching process, so that job processes notice when it dies (SIGKILL).
 LAUNCHER_PID_ENV = "GPOOL_LAUNCHER_PID"
 
+
 # --- artifacts of a job's run -------------------------------------------------------------
 #: Per split a run scored, predictions/<split>.npy (gpool.predictions).
 PREDICTIONS_DIR = "predictions"

@@ -35,6 +35,7 @@ from gpool.bench.loops import (
 )
 from gpool.bench.profile import KINDS, profile_groups
 from gpool.bench.server import compare_over_server
+from gpool.bench.sweeps import compare_launches
 from gpool.config import build as build_object
 from gpool.config import compose_config
 from gpool.engine import Trainer
@@ -123,6 +124,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         "in sqlite (gpool.bench.server), and exit",
     )
     parser.add_argument(
+        "--sweep",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="only time a sweep of 2 heads x 2 seeds (the quick recipe, STEPS batches an "
+        "epoch, --sweep-epochs epochs) one job after another and side by side on every "
+        "core, in turns (gpool.bench.sweeps), and exit",
+    )
+    parser.add_argument("--sweep-epochs", type=int, default=1, help="epochs of each job of --sweep")
+    parser.add_argument(
         "--no-end-to-end",
         action="store_true",
         help="skip timing a whole `python -m gpool.train` epoch",
@@ -143,6 +154,9 @@ def main(argv: list[str] | None = None) -> float | None:
     if args.compare:
         print_header(torch.device("cpu"), argv)
         return compare_over_server(args.compare, args.rounds)
+    if args.sweep:
+        print_header(torch.device("cpu"), argv)
+        return compare_launches(args.sweep, args.sweep_epochs, args.rounds, args.overrides)
     overrides = [
         "experiment=article",
         f"pool={args.pool}",

@@ -17,13 +17,14 @@ import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from omegaconf import DictConfig, open_dict
 
 from gpool.config import check_values, override_key
@@ -134,37 +135,70 @@ class FusedLauncher(Launcher):
 
 
 class AutoLauncher(Launcher):
-    """`hydra/launcher=auto`, the default: the fused launcher where fusing pays, Hydra's
-    basic launcher elsewhere; the log says which and why. Either way every job is its own
-    Hydra job and MLflow run with the same config hash, so a rerun skips finished jobs
-    whichever way they were trained. An explicit hydra/launcher=... replaces it."""
+    """`hydra/launcher=auto`, the default: the fused launcher where fusing pays (a CUDA GPU);
+    on a CPU, each launch's jobs side by side in worker processes (Hydra's joblib launcher)
+    or one after another (Hydra's basic launcher), by the rule of gpool.parallel; the log
+    says which and why. Either way every job is its own Hydra job and MLflow run with the
+    same config hash, so a rerun skips finished jobs whichever way they were trained. An
+    explicit hydra/launcher=... replaces it."""
 
-    def __init__(self, fuse: Sequence[str] = ("seed", "pool")) -> None:
+    def __init__(self, fuse: Sequence[str] = ("seed", "pool"), jobs: int | None = None) -> None:
         self.fused = FusedLauncher(fuse)
-        self.chosen: Launcher = self.fused
+        self.jobs = jobs
+        self.fusing = True
+        self.launchers: dict[int, Launcher] = {}
+        self.context: dict[str, Any] = {}
 
     @staticmethod
     def check(config: DictConfig) -> None:
-        """Refuse `fuse` keys it could never fuse by, before the sweep's run exists."""
+        """Refuse settings it could never launch with, before the sweep's run exists."""
         check_fuse(config.hydra.launcher.fuse)
+        jobs = config.hydra.launcher.get("jobs")
+        if jobs is not None and not (isinstance(jobs, int) and jobs >= 1):
+            raise GpoolError(f"hydra.launcher.jobs must be a whole number >= 1, not {jobs!r}")
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         from gpool.fusing import reasons_against_fusing
 
+        self.context = {
+            "hydra_context": hydra_context,
+            "task_function": task_function,
+            "config": config,
+        }
         if reasons := reasons_against_fusing(config):
-            log.info("the sweep's jobs run one after another: %s", "; ".join(reasons))
-            self.chosen = BasicLauncher()
-        else:
-            log.info(
-                "jobs that differ only in %s train fused, on the GPU (hydra/launcher=basic "
-                "runs them one after another)",
-                " and ".join(self.fused.fuse),
-            )
-        self.chosen.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+            log.info("the sweep's jobs do not train fused: %s", "; ".join(reasons))
+            self.fusing = False
+            return
+        log.info(
+            "jobs that differ only in %s train fused, on the GPU (hydra/launcher=basic "
+            "runs them one after another)",
+            " and ".join(self.fused.fuse),
+        )
+        self.fused.setup(**self.context)
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        return self.chosen.launch(job_overrides, initial_job_idx)
+        if self.fusing:
+            return self.fused.launch(job_overrides, initial_job_idx)
+        from gpool import parallel
+
+        config = self.context["config"]
+        steps = parallel.job_steps(config)
+        choice = parallel.choose(len(job_overrides), steps, parallel.usable_cores(), self.jobs)
+        side = "one after another" if choice.jobs == 1 else f"{choice.jobs} jobs side by side"
+        log.info("%s: %s", side, choice.why)
+        if choice.threads is not None and parallel.threads_unset(config):
+            job_overrides = [[*o, f"trainer.threads={choice.threads}"] for o in job_overrides]
+        return self.on_cpu(choice.jobs).launch(job_overrides, initial_job_idx)
+
+    def on_cpu(self, jobs: int) -> Launcher:
+        """Hydra's joblib launcher with `jobs` workers (loky's, reused from launch to
+        launch), or its basic launcher for one."""
+        if jobs not in self.launchers:
+            launcher = BasicLauncher() if jobs == 1 else JoblibLauncher(n_jobs=jobs)
+            launcher.setup(**self.context)
+            self.launchers[jobs] = launcher
+        return self.launchers[jobs]
