@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -124,16 +124,21 @@ class Resumed:
 
 
 def plan(
-    jobs: list[Job], client: MlflowClient, experiment: str, trainer: Trainer
+    jobs: list[Job],
+    client: MlflowClient,
+    experiment: str,
+    trainer: Trainer,
+    stop: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, float], list[tuple[int, Resumed]]]:
     """For each job: skip it (its FINISHED run's val_acc), or train it, fresh or from its
-    checkpoint. Call with every job's claim held."""
+    checkpoint; a config another command trains now is waited for (resume_point, asking
+    `stop`). Call with every job's claim held."""
     skipped: dict[int, float] = {}
     todo: list[tuple[int, Resumed]] = []
     for i, job in enumerate(jobs):
         checkpoint = job.checkpoint(client.tracking_uri, experiment)
         run, path = (
-            resume_point(client, experiment, job.fingerprint, checkpoint)
+            resume_point(client, experiment, job.fingerprint, checkpoint, stop)
             if trainer.resume
             else (None, None)
         )

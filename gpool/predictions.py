@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from gpool.names import PREDICTIONS_DIR, SPLIT_CONTEXTS
+from gpool.store import store_failing
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -127,6 +128,8 @@ def fetch_image_scores(
         repo = get_artifact_repository(folder_uri, tracking_uri=client.tracking_uri)
         sizes = {Path(a.path).name: a.file_size for a in repo.list_artifacts()}
     except (MlflowException, OSError) as err:
+        if store_failing(err):
+            raise
         why = f"{PREDICTIONS_DIR}/ unreadable ({str(err).splitlines()[0][:200]})"
         return dict.fromkeys(finals, why)
     return {
@@ -161,6 +164,8 @@ def read_scores(
     except ValueError as err:  # np.load's refusal of a pickle included
         return f"{name}: {str(err).splitlines()[0][:200]}"
     except (MlflowException, OSError, EOFError) as err:  # EOFError: a truncated file
+        if store_failing(err):
+            raise
         return f"{name} unreadable ({str(err).splitlines()[0][:200]})"
     correct = (predicted == labels).astype(np.float64)
     if abs(correct.mean() - score) > max(1e-3, 1 / len(labels)) + 1e-9:

@@ -274,21 +274,49 @@ def checkpoint_path(root: Path, tracking_uri: str, experiment: str, fingerprint:
     return private_folder(root) / key[:24] / "checkpoint.pt"
 
 
+#: Seconds between looks at a run another command trains (wait_for).
+WAIT_SECONDS = 2.0
+
+
+def wait_for(client: MlflowClient, run: Run, stop: Callable[[str], None] | None) -> None:
+    """Until `run`, which another process on this machine trains, has ended (or that
+    process is gone): what a second sweep over the same configs does, instead of training
+    them twice or failing."""
+    log.info(
+        "waiting for MLflow run %s (pid %s), which trains this config now",
+        run.info.run_id,
+        run.data.tags.get(PID_TAG),
+    )
+    while run.info.status == "RUNNING" and is_alive(run):
+        if stop is not None:
+            stop(f"while waiting for MLflow run {run.info.run_id}")
+        time.sleep(WAIT_SECONDS)
+        run = client.get_run(run.info.run_id)
+
+
 def resume_point(
-    client: MlflowClient, experiment_id: str, fingerprint: str, checkpoint: Path
+    client: MlflowClient,
+    experiment_id: str,
+    fingerprint: str,
+    checkpoint: Path,
+    stop: Callable[[str], None] | None = None,
 ) -> tuple[Run | None, Path | None]:
     """What an earlier run of the same config left: (its run, its checkpoint path).
 
     A FINISHED run comes back without a path (skip it); a KILLED, FAILED or dead RUNNING
     one comes back with `checkpoint` (see checkpoint_path) if that file exists (resume it);
-    anything else means a fresh run. A living RUNNING one is an error: the config is being
-    trained right now.
+    anything else means a fresh run. A living RUNNING one on this machine (another sweep
+    training the same config) is waited for, asking `stop` between looks, then judged
+    again; one on another machine, whose life cannot be checked, is an error.
     """
     previous = previous_run(client, experiment_id, fingerprint)
     if previous is None or previous.info.status == "FINISHED":
         return previous, None
     tags = previous.data.tags
     if previous.info.status == "RUNNING":
+        if is_alive(previous) and on_this_host(previous):
+            wait_for(client, previous, stop)
+            return resume_point(client, experiment_id, fingerprint, checkpoint, stop)
         if is_alive(previous):
             raise GpoolError(
                 f"this config is already running as MLflow run {previous.info.run_id} (pid "

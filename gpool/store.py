@@ -41,6 +41,22 @@ USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://)[^/\s]+@")
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5"}
 
 
+#: MLflow's error codes for a request the store refused (an unknown run id, a malformed
+#: filter), as against a store that failed to answer (INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE).
+USER_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"})
+
+
+def store_failing(err: BaseException) -> bool:
+    """Whether `err` says the store failed to answer (a server gone, timing out or erring),
+    not that it refused a request or lacks a file: what no comparison may go on past, as
+    it would over part of its runs or images."""
+    import requests  # MLflow's own HTTP client
+
+    if isinstance(err, MlflowException):
+        return err.error_code not in USER_ERRORS
+    return isinstance(err, requests.ConnectionError | requests.Timeout)
+
+
 def quiet_and_bounded() -> None:
     """Before the first MLflow call of a process: HTTP_DEFAULTS where the user set none
     (inherited by the jobs a launcher starts), and MLflow's sqlite store kept from logging
@@ -265,8 +281,10 @@ def sweep_jobs(client: MlflowClient, parent: Run) -> list[Run]:
         if name.startswith(JOB_TAG_PREFIX) and run_id not in runs:
             try:
                 runs[run_id] = client.get_run(run_id)
-            except MlflowException:  # deleted since: that job has no run now
-                continue
+            except MlflowException as err:
+                if store_failing(err) or err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # a failing store must not shrink the sweep silently
+                continue  # deleted since: that job has no run now
     return one_per_config(runs.values())
 
 

@@ -59,7 +59,7 @@ def train_group(jobs: list[Job], trainer: Trainer) -> list[float | GpoolError]:
             held.enter_context(stack).enter_context(
                 claim(client.tracking_uri, experiment, fingerprint)
             )
-        skipped, todo = plan(jobs, client, experiment, trainer)
+        skipped, todo = plan(jobs, client, experiment, trainer, stop.check)
         results.update(skipped)
         if not todo:
             return [results[i] for i in range(len(jobs))]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import math
 import re
 import shutil
 import subprocess
+import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +44,8 @@ from gpool.compare.comparison import Comparison, compare_groups
 from gpool.compare.publish import final_range, write_report
 from gpool.compare.render import forest_rows, pairwise_cells
 from gpool.compare.runs import Group, RunCurves, factors, select_runs
-from gpool.compare.verdict import Pair, mean_std_ci, pair_results
+from gpool.compare.samples import Pair, mean_std_ci
+from gpool.compare.verdict import pair_results
 from gpool.plots import group_figure
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.store import metric_histories
@@ -131,7 +135,7 @@ def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_see
     seeds = Pair(both.a, both.b, both.paired).points()
     assert both.points().se > seeds.se and both.points().diff == pytest.approx(seeds.diff)
     a.runs[2].images["val"] = "no predictions/val.npy"
-    _, pairs, _, report = compare_groups([a, b], None, 0.5, 0.05)
+    _, pairs, _, report = compare_groups([a, b], None, 0.5)
     assert pairs[0].covers == "seeds alone"
     assert pairs[0].ci_high - pairs[0].ci_low == pytest.approx(2 * 3.182446 * seeds.se)
     assert "seeds alone, not the test images" in report
@@ -165,7 +169,7 @@ def test_the_forest_ranks_groups_and_colours_each_by_its_answer_against_the_lead
     a = group("a", list(0.80 + noise), seeds)
     b = group("b", list(0.8495 + noise[::-1]), seeds)
     c = group("c", list(0.85 + noise), seeds)
-    summaries, pairs, _, _ = compare_groups([a, b, c], None, 1.0, 0.05)
+    summaries, pairs, _, _ = compare_groups([a, b, c], None, 1.0)
     comparison = Comparison("", "", "", summaries, [a, b, c], ["pool"], pairs, 1.0)
     rows = forest_rows(summaries, pairs)
     assert [r["group"] for r in rows] == ["c", "b", "a"]
@@ -515,6 +519,68 @@ def test_compare_over_a_server_imports_no_torch_and_agrees_with_the_store(
     assert compare(sweep, tmp_path / "local", "--experiment", "gpool").returncode == 0
     table = "comparison.csv"
     assert (tmp_path / "served" / table).read_text() == (tmp_path / "local" / table).read_text()
+
+
+class DiesMidway(http.server.BaseHTTPRequestHandler):
+    """A tracking server that answers MLflow's API (forwarded to a real one) for its first
+    `answers` requests, then drops every connection unanswered: one that dies in the middle
+    of a comparison."""
+
+    target = ""
+    answers = 0
+    asked: list[str] = []
+
+    def forward(self) -> None:
+        DiesMidway.asked.append(self.path)
+        if DiesMidway.answers <= 0:
+            self.close_connection = True
+            return
+        DiesMidway.answers -= 1
+        length = int(self.headers.get("Content-Length") or 0)
+        request = urllib.request.Request(
+            DiesMidway.target + self.path,
+            data=self.rfile.read(length) if length else None,
+            method=self.command,
+            headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, body = err.code, err.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("answers", [3, 4, 5], ids=["runs", "curves", "last curve"])
+def test_a_server_that_dies_mid_comparison_is_one_line_and_nothing_written(
+    sweep: Path, server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: int
+) -> None:
+    """The server answers the store's probe and the first reads, then is gone: one line,
+    a non-zero exit, no report files, never a comparison of part of the sweep (MLflow's
+    retries off, so that the test takes seconds)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    DiesMidway.target, DiesMidway.answers = server, answers
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DiesMidway)
+    proxy.daemon_threads = True
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{proxy.server_address[1]}"
+        proc = compare(sweep, tmp_path / "out", "--experiment", "gpool", tracking_uri=uri)
+    finally:
+        proxy.shutdown()
+    assert proc.returncode == 1, "\n".join(DiesMidway.asked)
+    assert "gpool.compare: the MLflow store failed while the runs were read" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @contextmanager

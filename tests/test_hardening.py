@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -47,9 +48,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from gpool.bench.server import mlflow_server
 from gpool.errors import GpoolError
-from gpool.names import CHECKPOINT_TAG
+from gpool.names import CHECKPOINT_TAG, DECIDED_TAG, PLAN_TAG
 from gpool.resume import claim
-from gpool.store import redact
+from gpool.store import redact, sweep_jobs
 
 pytestmark = pytest.mark.process
 
@@ -247,11 +248,13 @@ def test_an_interrupted_sweep_rerun_is_one_sweep_compared_whole(
     tmp_path: Path, big_root: Path
 ) -> None:
     """Stopped while its second job trains, then rerun: the first job is skipped, the
-    second resumed, and both belong to the one sweep that compare reports on."""
+    second resumed, and both belong to the one sweep that compare reports on. One job at a
+    time, so that the first has finished when the second saves its checkpoint."""
     proc = start_gpool(
         tmp_path,
         big_root,
         f"hydra.sweep.dir={tmp_path}/multirun",
+        "hydra.launcher.jobs=1",
         "pool=avg,max",
         *LONG,
         until=[tmp_path / "multirun" / "1" / "checkpoint.pt"],
@@ -325,11 +328,13 @@ def test_compare_names_the_jobs_it_leaves_out_and_why(tmp_path: Path, idx_root: 
     assert failed in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "side-by-side"])
 def test_sigkill_of_the_launcher_leaves_no_worker_and_nothing_running(
     tmp_path: Path, idx_root: Path, launcher: str
 ) -> None:
-    parallel = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2") if launcher == "joblib" else ()
+    """Hydra's basic launcher, and gpool's default running jobs side by side on this CPU
+    (its joblib workers, hydra.launcher.jobs=2)."""
+    parallel = ("hydra.launcher.jobs=2",) if launcher == "side-by-side" else ()
     jobs = (0, 1) if parallel else (0,)
     proc = start_gpool(
         tmp_path,
@@ -433,6 +438,46 @@ def test_the_store_deleted_mid_sweep_is_one_line_a_job_and_nothing_hangs(
     assert proc.returncode != 0, out
     assert "Traceback" not in out, out
     assert "the MLflow store failed ((sqlite3.OperationalError)" in out, out
+
+
+def test_a_decide_and_a_plain_sweep_at_once_on_one_store_train_each_config_once(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    """Two users' sweeps over the same configs, started together on one store: each config
+    trains once (a job that finds the other sweep training its config waits for that run,
+    then skips it), both sweeps end, and each one's verdict covers all of its jobs."""
+    sweeps = [
+        start_gpool(
+            tmp_path,
+            idx_root,
+            *extra,
+            f"hydra.sweep.dir={tmp_path}/{name}",
+            "hydra.launcher.jobs=1",
+            *SHORT,
+            multirun=True,
+        )
+        for name, extra in (
+            ("decide", ("hydra/sweeper=decide", "hydra.sweeper.max_seeds=4", "pool=avg,max")),
+            ("plain", ("pool=avg,max", "seed=0,1,2")),
+        )
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in sweeps]
+    assert [proc.returncode for proc in sweeps] == [0, 0], outputs
+    runs = job_runs(tmp_path)
+    names = sorted(r.info.run_name for r in runs)
+    assert len(names) == len(set(names)) >= 6, names  # no config trained twice
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    client = store(tmp_path)
+    for sweep in sweep_runs(tmp_path):
+        assert sweep.info.status == "FINISHED"
+        assert sweep.data.tags[MLFLOW_RUN_NOTE].startswith("Verdict: "), sweep.data.tags
+        if PLAN_TAG in sweep.data.tags:  # the decide sweep: as many seeds as its rule took
+            took = re.search(r"after (\d+) seeds|max_seeds=(\d+)", sweep.data.tags[DECIDED_TAG])
+            seeds = int(took[1] or took[2])
+        else:
+            seeds = 3
+        jobs = sweep_jobs(client, sweep)
+        assert len(jobs) == 2 * seeds and {r.info.status for r in jobs} == {"FINISHED"}
 
 
 def test_two_identical_commands_at_once_train_one_run(tmp_path: Path, idx_root: Path) -> None:
@@ -652,6 +697,30 @@ def test_a_store_gpool_cannot_open_is_one_line(tmp_path: Path, uri: str) -> None
     proc = compare(tmp_path, uri=uri)
     one_clear_line(proc, "cannot open the MLflow store")
     assert "secret" not in proc.stderr
+
+
+def test_runs_scored_on_other_images_are_refused_and_other_models_compared(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    """An experiment holding runs validated on other images (here a holdout of the training
+    images against the test split) is no comparison of heads: one line, naming both sets
+    and the filter that picks one. Other models or recipes on the same images are
+    factors, compared."""
+    assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
+    widths = run_gpool(tmp_path, idx_root, "model.widths=[4,8,16]", *SHORT)
+    assert widths.returncode == 0, widths.stderr
+    proc = compare(tmp_path, "--experiment", "gpool")
+    assert proc.returncode == 0, proc.stderr
+    assert "grouped by pool, model.widths" in proc.stdout
+    held = run_gpool(
+        tmp_path, idx_root, "pool=avg,max", "dataset.holdout=100", *SHORT, multirun=True
+    )
+    assert held.returncode == 0, held.stderr
+    one_clear_line(compare(tmp_path, "--experiment", "gpool"), "2 different sets of images")
+    picked = compare(
+        tmp_path, "--experiment", "gpool", "--filter", "params.`dataset.holdout` = '0'"
+    )
+    assert picked.returncode == 0, picked.stderr
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounts a tmpfs read-only")

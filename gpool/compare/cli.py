@@ -122,15 +122,23 @@ def main(argv: list[str] | None = None) -> str:
     from gpool.compare.comparison import compare_jobs
     from gpool.compare.publish import default_out, publish, report_files
     from gpool.compare.runs import select_runs
-    from gpool.store import open_store
+    from gpool.store import first_line, open_store, store_failing
 
     tracking_uri, experiment = mlflow_target(args.tracking_uri, args.experiment)
     client = open_store(tracking_uri, create=False)
     filter_string = args.filter_string
     if args.experiment and args.parent is None and filter_string is None:
         filter_string = ""  # the whole experiment
-    parent, jobs = select_runs(client, experiment, args.parent, filter_string)
-    comparison = compare_jobs(client, parent, jobs, args.detect, args.tune, args.margin)
+    try:
+        parent, jobs = select_runs(client, experiment, args.parent, filter_string)
+        comparison = compare_jobs(client, parent, jobs, args.detect, args.tune, args.margin)
+    except (MlflowException, OSError) as err:  # a server that died while runs were read
+        if not store_failing(err):
+            raise
+        raise GpoolError(
+            f"the MLflow store failed while the runs were read ({first_line(err)}); nothing "
+            "was written: run the comparison again once the store answers"
+        ) from None
     command = shlex.join(
         ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]
     )
@@ -148,10 +156,9 @@ def main(argv: list[str] | None = None) -> str:
         try:
             print(publish(client, parent, comparison, paths))
         except (MlflowException, OSError) as err:  # a read-only store, a refusing server
-            first = (getattr(err, "message", None) or str(err)).splitlines()[0][:300]
             raise GpoolError(
                 f"the comparison is written to {out} but could not be put on the sweep's run "
-                f"({first})"
+                f"({first_line(err)})"
             ) from None
     return comparison.line
 

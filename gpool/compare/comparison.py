@@ -12,8 +12,17 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from gpool.compare.render import markdown
-from gpool.compare.runs import Group, factors, fetch_all, group_by, missing_jobs, tune_groups
-from gpool.compare.verdict import GroupSummary, PairResult, pair_results, verdict
+from gpool.compare.runs import (
+    Group,
+    factors,
+    fetch_all,
+    group_by,
+    missing_jobs,
+    one_task,
+    tune_groups,
+)
+from gpool.compare.samples import GroupSummary
+from gpool.compare.verdict import PairResult, pair_results, verdict
 from gpool.errors import GpoolError
 from gpool.levels import ALPHA, MARGIN
 from gpool.names import COMPARISON_DIR, REPORT_FILE
@@ -82,6 +91,7 @@ def compare_jobs(
     missing = missing_jobs(parent, jobs)
     if not runs:
         raise GpoolError("no FINISHED runs to compare in that selection; " + "; ".join(missing))
+    one_task(runs)
     curves = fetch_all(client, runs)
     names = factors(runs)
     chosen: list[str] = []

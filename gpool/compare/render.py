@@ -9,7 +9,8 @@ import math
 from collections.abc import Sequence
 
 from gpool import stats
-from gpool.compare.verdict import GroupSummary, PairResult, pair_of
+from gpool.compare.samples import GroupSummary
+from gpool.compare.verdict import PairResult, pair_of
 from gpool.levels import POWER
 from gpool.plots import LEADER
 from gpool.sequential import Plan

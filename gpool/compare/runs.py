@@ -17,13 +17,20 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gpool.compare.verdict import Sample
+from gpool.compare.samples import Sample
 from gpool.config import GROUPS
 from gpool.errors import GpoolError
-from gpool.names import EXPECTED_JOBS_TAG, FAILURE_TAG, ROLE_TAG
+from gpool.names import EXPECTED_JOBS_TAG, FAILURE_TAG, ROLE_TAG, VAL_CONTEXT
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result
-from gpool.store import metric_histories, one_per_config, search_all, sweep_jobs, sweeps
+from gpool.store import (
+    USER_ERRORS,
+    metric_histories,
+    one_per_config,
+    search_all,
+    sweep_jobs,
+    sweeps,
+)
 
 #: Parallel requests while reading runs' predictions (a listing and a download a run).
 FETCHERS = 16
@@ -98,6 +105,38 @@ class Group:
         """What the statistics read of this group."""
         seeds = tuple(self.seeds())
         return Sample(self.name, self.scores(), seeds, self.image_scores(), self.split)
+
+
+def task(run: Run) -> str:
+    """What a run's accuracy was scored on: the digest of the validation images it logged
+    (gpool.data's MLflow dataset inputs), or, for a run logged before them, its dataset.
+    Accuracies on different images are no comparison of heads."""
+    digests = sorted(
+        {
+            dataset_input.dataset.digest
+            for dataset_input in (run.inputs.dataset_inputs if run.inputs else [])
+            if any(t.value == VAL_CONTEXT for t in dataset_input.tags)
+        }
+    )
+    if digests:
+        return f"validation images {'/'.join(digests)}"
+    return f"dataset={run.data.tags.get('dataset', 'unset')}"
+
+
+def one_task(runs: Sequence[Run]) -> None:
+    """Refuse, in one line, runs scored on different images (see task)."""
+    by_task: dict[str, list[str]] = {}
+    for run in runs:
+        by_task.setdefault(task(run), []).append(run.info.run_name)
+    if len(by_task) > 1:
+        listed = "; ".join(
+            f"{t} ({len(names)} runs, e.g. {names[0]})" for t, names in by_task.items()
+        )
+        raise GpoolError(
+            f"these runs were scored on {len(by_task)} different sets of images ({listed}), "
+            "whose accuracies compare no heads: select one with --filter, e.g. "
+            "\"tags.dataset = 'fashion_mnist'\""
+        )
 
 
 def factors(runs: Sequence[Run]) -> list[str]:
@@ -189,6 +228,8 @@ def select_runs(
             runs = search_all(client, [exp.experiment_id], filter_string)
             return None, one_per_config(r for r in runs if ROLE_TAG not in r.data.tags)
     except MlflowException as err:  # an unknown run id, a malformed filter
+        if err.error_code not in USER_ERRORS:
+            raise  # the store itself failed: gpool.compare says so in its own line
         raise GpoolError(err.message) from None
     return sweep, sweep_jobs(client, sweep)
 
