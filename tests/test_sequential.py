@@ -135,8 +135,47 @@ def test_the_default_spends_fewer_seeds_than_a_fixed_design_deciding_as_often() 
 def test_a_pair_no_seed_budget_decides_stops_early_as_undecidable() -> None:
     """At the margin with the spread of FashionMNIST's quick sweep itself (0.69 points a
     seed, the test images 0.17), 12 seeds rarely decide: the futility stop ends most such
-    sweeps early, undecidable, and the mean cost stays well under max_seeds."""
+    sweeps early, undecidable, at no more than 60 % of max_seeds on average (55 % measured
+    with 1,000 sweeps; a futility of 0.1 gave 60-61 %, hence the default 0.15)."""
     code, used = simulate(MARGIN, DEFAULT, COST_SWEEPS // 2, seed=5, seed_sd=0.69, image_se=0.17)
     assert (code == 3).mean() > 0.5
-    assert used.mean() <= 0.65 * DEFAULT.max_seeds
+    assert used.mean() <= 0.60 * DEFAULT.max_seeds
     assert (code == 2).mean() <= bound(ALPHA, COST_SWEEPS // 2)
+
+
+def table(sweeps: int = 4000) -> str:
+    """docs/comparing.md's table: the rule before (Bonferroni looks at 3, 6, ..., 15 seeds),
+    the default plan, and the fixed design that decides as often, at four true
+    differences: `python tests/test_sequential.py`."""
+    rows = [
+        "| true difference | rule | better | equivalent | undecided | undecidable "
+        "| seeds a group, mean | 90th percentile |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rules = {
+        "before: Bonferroni, looks at 3, 6, 9, 12, 15": Plan(3, 3, 15, "bonferroni", 0.0),
+        "default (conf/hydra/sweeper/decide.yaml)": DEFAULT,
+    }
+    cases = [
+        (f"{truth:g}", truth, SEED_SD, IMAGE_SE) for truth in (0, MARGIN / 2, MARGIN, 2 * MARGIN)
+    ]
+    cases.append(("0.5, the quick sweep's spread", MARGIN, 0.69, 0.17))
+    for label, truth, seed_sd, image_se in cases:
+        for name, plan in rules.items():
+            code, used = simulate(truth, plan, sweeps, 6, seed_sd, image_se)
+            shares = " | ".join(f"{(code == k).mean():.1%}" for k in (1, 2, 0, 3))
+            rows.append(
+                f"| {label} | {name} | {shares} | {used.mean():.1f} | "
+                f"{np.percentile(used, 90):.0f} |"
+            )
+        if seed_sd == SEED_SD:
+            power = float(np.isin(code, [1, 2]).mean())
+            rows.append(
+                f"| {label} | one look deciding as often ({power:.0%}) | | | | "
+                f"| {fixed_design(truth, power):.1f} | |"
+            )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
