@@ -160,10 +160,14 @@ class TorchvisionImages:
     def source_class(self) -> type:
         return getattr(self.source, "func", self.source)
 
+    def splits(self) -> tuple[Split, Split]:
+        """The training and test splits on the CPU, their files checked first."""
+        self._prepare_files()
+        return self._read(True), self._read(False)
+
     def load(self, device: torch.device | str, channels_last: bool = True) -> ImageData:
         """Read both splits onto `device`."""
-        self._prepare_files()
-        train, test = (self._read(train) for train in (True, False))
+        train, test = self.splits()
         return ImageData.build(
             train, test, self.classes, self.mean, self.std, device, channels_last, self.holdout
         )

@@ -22,6 +22,7 @@ from gpool.model import build_model
 from gpool.pooling import GlobalAvgPool, GlobalMaxPool
 from gpool.resume import config_hash
 from gpool.sweep import sweep_key, swept_keys
+from gpool.tasks import DerivedImages
 
 
 def test_defaults_are_the_articles_network_and_optimiser() -> None:
@@ -43,6 +44,10 @@ def test_defaults_are_the_articles_network_and_optimiser() -> None:
     assert model.classifier.kernel_size == (1, 1) and model.classifier.out_channels == 10
 
 
+#: The dataset options derived from FashionMNIST (gpool.tasks).
+TASKS = ["cluttered", "occluded", "translated"]
+
+
 def test_groups_have_the_promised_options() -> None:
     # Heads are open-ended (one class + one YAML file); the article's two must be there.
     assert {"avg", "max"} <= set(options("pool"))
@@ -51,7 +56,8 @@ def test_groups_have_the_promised_options() -> None:
     )
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("scheduler") == ["cosine", "none", "onecycle"]
-    assert options("dataset") == ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
+    datasets = ["cifar10", "fashion_mnist", "image_folder", "kmnist", "mnist"]
+    assert options("dataset") == sorted(datasets + TASKS)
     presets = ["article", "article_decide", "decide", "quick", "search", "tuned"]
     assert options("experiment") == presets
     assert options("model") == ["convnet", "resnet18"]
@@ -192,7 +198,8 @@ def test_model_output_matches_each_dataset(name: str, network: str, tmp_path: Pa
     own = ["dataset.num_classes=4"] if name == "image_folder" else []  # set by the user
     cfg = make_cfg(f"dataset={name}", f"model={network}", *own)
     dataset = instantiate(cfg.dataset, root=str(tmp_path))
-    assert isinstance(dataset, ImageFolderImages if own else TorchvisionImages)
+    kinds = {"image_folder": ImageFolderImages, **dict.fromkeys(TASKS, DerivedImages)}
+    assert isinstance(dataset, kinds.get(name, TorchvisionImages))
     if not own:
         assert len(dataset.classes) == cfg.dataset.num_classes
     model = build_model(cfg)
