@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,6 +141,18 @@ def test_the_images_widen_the_interval_and_runs_without_them_are_compared_on_see
     assert pairs[0].ci_high - pairs[0].ci_low == pytest.approx(2 * 3.182446 * seeds.se)
     assert "seeds alone, not the test images" in report
     assert "a seed 2: no predictions/val.npy" in report
+
+
+def test_an_early_looks_level_is_written_to_its_last_digits() -> None:
+    """A decide sweep's first look decides at a level such as 0.999999: its interval's label
+    shows the digits that tell it from 100 % (which it once read), and 95 % stays 95 %."""
+    a = group("a", [0.800, 0.812, 0.795], [0, 1, 2])
+    b = group("b", [0.797, 0.802, 0.793], [0, 1, 2])
+    result = pair_results([a.sample(), b.sample()])[0]
+    assert result.ci_label == "95% CI"
+    early = replace(result, ci_level=1 - 1e-6, repeated=True)
+    assert early.ci_label == "99.9999% repeated CI"
+    assert replace(result, ci_level=0.9875).ci_label == "98.8% CI"
 
 
 def test_the_seeds_to_decide_allow_for_every_pair_in_the_table() -> None:

@@ -53,7 +53,13 @@ class PairResult:
 
     @property
     def ci_label(self) -> str:
-        return f"{self.ci_level * 100:.4g}% {'repeated ' * self.repeated}CI"
+        """E.g. "95% CI", "99.9998% repeated CI": the level's digits up to the second
+        significant one of what it leaves out, so an early look's level never reads 100 %."""
+        missed = (1 - self.ci_level) * 100
+        digits = max(0, 1 - math.floor(math.log10(missed))) if missed > 0 else 0
+        level = f"{self.ci_level * 100:.{digits}f}"
+        level = level.rstrip("0").rstrip(".") if "." in level else level
+        return f"{level}% {'repeated ' * self.repeated}CI"
 
     def flipped(self) -> PairResult:
         """The same pair with B as A."""
