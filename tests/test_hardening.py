@@ -457,7 +457,7 @@ def test_a_decide_and_a_plain_sweep_at_once_on_one_store_train_each_config_once(
             multirun=True,
         )
         for name, extra in (
-            ("decide", ("hydra/sweeper=decide", "hydra.sweeper.max_seeds=4", "pool=avg,max")),
+            ("decide", ("hydra/sweeper=decide", "hydra.sweeper.max_seeds=3", "pool=avg,max")),
             ("plain", ("pool=avg,max", "seed=0,1,2")),
         )
     ]
