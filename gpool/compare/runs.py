@@ -125,17 +125,19 @@ def task(run: Run) -> str:
 
 def one_task(runs: Sequence[Run]) -> None:
     """Refuse, in one line, runs scored on different images (see task)."""
-    by_task: dict[str, list[str]] = {}
+    by_task: dict[str, list[Run]] = {}
     for run in runs:
-        by_task.setdefault(task(run), []).append(run.info.run_name)
+        by_task.setdefault(task(run), []).append(run)
     if len(by_task) > 1:
         listed = "; ".join(
-            f"{t} ({len(names)} runs, e.g. {names[0]})" for t, names in by_task.items()
+            f"{t} ({len(group)} runs, e.g. {group[0].info.run_name})"
+            for t, group in by_task.items()
         )
+        first = next(iter(by_task.values()))[0].data.tags.get("dataset", "fashion_mnist")
         raise GpoolError(
             f"these runs were scored on {len(by_task)} different sets of images ({listed}), "
             "whose accuracies compare no heads: select one with --filter, e.g. "
-            "\"tags.dataset = 'fashion_mnist'\""
+            f"\"tags.dataset = '{first}'\""
         )
 
 
