@@ -204,6 +204,7 @@ ANSWER_COLOURS = {
     stats.BETTER_WITHIN: "yellowgreen",
     stats.EQUIVALENT: "tab:blue",
     stats.UNDECIDED: "tab:gray",
+    stats.UNDECIDABLE: "dimgray",
     stats.WORSE_WITHIN: "lightsalmon",
     stats.WORSE: "tab:red",
 }

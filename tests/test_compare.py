@@ -199,6 +199,21 @@ def test_the_forest_ranks_groups_and_colours_each_by_its_answer_against_the_lead
     assert all(p.stat().st_size > 10_000 for p in paths[2:])
 
 
+def test_an_undecidable_pair_is_drawn_in_both_figures(tmp_path: Path) -> None:
+    """A decide sweep stopped by its futility rule ends with an undecidable pair: the
+    forest and the matrix draw it in a colour of its own (the sweep's close once failed
+    there with KeyError: 'undecidable', leaving its run without the comparison)."""
+    seeds = list(range(4))
+    a = group("a", [0.800, 0.810, 0.790, 0.805], seeds)
+    b = group("b", [0.802, 0.805, 0.797, 0.800], seeds)
+    summaries, pairs, _, _ = compare_groups([a, b], None, 0.5)
+    pairs = [replace(pairs[0], answer=gstats.UNDECIDABLE)]
+    assert [r["answer"] for r in forest_rows(summaries, pairs)][1:] == ["undecidable"]
+    comparison = Comparison("", "", "", summaries, [a, b], ["pool"], pairs, 0.5)
+    paths = write_report(tmp_path, "report", comparison)
+    assert [p.name for p in paths[2:]] == ["comparison.png", "forest.png", "pairwise.png"]
+
+
 def test_a_comparison_too_long_for_a_run_description_keeps_its_verdict() -> None:
     short = Comparison("6 runs", "| table |\n\nVerdict: a leads b", "a leads b", [], [])
     assert short.note() == "Verdict: a leads b\n\n6 runs\n\n| table |\n\nVerdict: a leads b"
