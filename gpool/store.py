@@ -282,7 +282,7 @@ def sweep_jobs(client: MlflowClient, parent: Run) -> list[Run]:
             try:
                 runs[run_id] = client.get_run(run_id)
             except MlflowException as err:
-                if store_failing(err) or err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise  # a failing store must not shrink the sweep silently
                 continue  # deleted since: that job has no run now
     return one_per_config(runs.values())

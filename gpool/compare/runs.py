@@ -24,10 +24,10 @@ from gpool.names import EXPECTED_JOBS_TAG, FAILURE_TAG, ROLE_TAG, VAL_CONTEXT
 from gpool.predictions import ImageScores, fetch_image_scores
 from gpool.resume import affects_result
 from gpool.store import (
-    USER_ERRORS,
     metric_histories,
     one_per_config,
     search_all,
+    store_failing,
     sweep_jobs,
     sweeps,
 )
@@ -230,7 +230,7 @@ def select_runs(
             runs = search_all(client, [exp.experiment_id], filter_string)
             return None, one_per_config(r for r in runs if ROLE_TAG not in r.data.tags)
     except MlflowException as err:  # an unknown run id, a malformed filter
-        if err.error_code not in USER_ERRORS:
+        if store_failing(err):
             raise  # the store itself failed: gpool.compare says so in its own line
         raise GpoolError(err.message) from None
     return sweep, sweep_jobs(client, sweep)
