@@ -253,6 +253,31 @@ def plot_forest(
     return path
 
 
+def plot_across(rows: Sequence[Mapping], margin: float, title: str, path: Path) -> Path:
+    """One pair over several tasks: each task's difference A - B with its interval,
+    coloured by A's answer there, then the mean over tasks (black) with its interval, on
+    the ±margin band (`rows`: compare.render.across_rows). Shows at once where the answer
+    holds and where it depends on the task."""
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.45 * len(rows)), layout="constrained")
+    ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12, lw=0)
+    ax.axvline(0, color="black", lw=0.8)
+    for y, row in enumerate(rows):
+        colour = ANSWER_COLOURS[row["answer"]]
+        error = [[row["diff"] - row["low"]], [row["high"] - row["diff"]]]
+        ax.errorbar(row["diff"], y, xerr=error, fmt="o", color=colour, capsize=3)
+        ax.annotate(
+            row["label"], (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8
+        )
+    ax.axhline(len(rows) - 1.5, color="gray", lw=0.5)
+    ax.set_yticks(range(len(rows)), [r["task"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{title} (points of final accuracy; band: ±{margin:g}-point margin)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_pairwise(
     names: Sequence[str], cells: Mapping[tuple[str, str], Mapping], path: Path
 ) -> Path:

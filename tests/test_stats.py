@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from gpool import stats
@@ -72,6 +73,9 @@ def test_holm_adjustment_matches_its_definition() -> None:
     # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(2 x 0.03, .), max(1 x 0.04, 0.06)
     adjusted = stats.holm([0.01, 0.04, 0.03, math.nan])
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    p_values = np.random.default_rng(3).uniform(0, 0.2, 12) ** 2
+    _, expected, _, _ = multipletests(p_values, method="holm")
+    assert stats.holm(list(p_values)) == pytest.approx(list(expected), abs=1e-15)
 
 
 def test_the_three_answers() -> None:

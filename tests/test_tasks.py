@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHORT, job_runs, run_gpool
+from conftest import SHORT, compare, job_runs, run_gpool
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from gpool.config import build, compose_config
 from gpool.images import Split
-from gpool.names import VAL_CONTEXT
+from gpool.names import ACROSS_FILE, COMPARISON_DIR, ROLE_TAG, SWEEP_ROLE, VAL_CONTEXT
 
 TASKS = ["translated", "cluttered", "occluded"]
 
@@ -92,16 +94,38 @@ def test_a_task_is_built_once_the_same_and_rebuilt_when_its_cache_is_damaged(
 
 
 @pytest.mark.process
-def test_a_run_on_a_task_trains_and_logs_the_tasks_images(tmp_path: Path, idx_root: Path):
+def test_a_sweep_over_tasks_logs_each_tasks_images_and_a_verdict_across_them(
+    tmp_path: Path, idx_root: Path
+) -> None:
+    """Two heads on two tasks: every run logs its task's images, and the sweep's run gets
+    each task's pairs and the answer across the tasks, with its figure; gpool.compare
+    reads the same back."""
+    overrides = ("dataset=translated,occluded", "pool=avg,max", "seed=0,1")
     proc = run_gpool(
-        tmp_path, idx_root, "dataset=translated", "dataset.base.checksums=null", *SHORT
+        tmp_path, idx_root, *overrides, "++dataset.base.checksums=null", *SHORT, multirun=True
     )
     assert proc.returncode == 0, proc.stderr
-    (run,) = job_runs(tmp_path)
-    assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "translated"
-    digests = {
-        d.dataset.digest
-        for d in run.inputs.dataset_inputs
-        if any(t.value == VAL_CONTEXT for t in d.tags)
-    }
-    assert digests == {task("translated", idx_root).splits()[1].digest()}
+    runs = job_runs(tmp_path)
+    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    for name in ("translated", "occluded"):
+        digests = {
+            d.dataset.digest
+            for r in runs
+            if r.data.tags["dataset"] == name
+            for d in r.inputs.dataset_inputs
+            if any(t.value == VAL_CONTEXT for t in d.tags)
+        }
+        assert digests == {task(name, idx_root).splits()[1].digest()}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (parent,) = client.search_runs(
+        [runs[0].info.experiment_id], f"tags.`{ROLE_TAG}` = '{SWEEP_ROLE}'"
+    )
+    note = parent.data.tags[MLFLOW_RUN_NOTE]
+    assert "on 2 tasks (" in note and "dataset=occluded" in note
+    assert "On dataset=translated:" in note and "| pool=avg | pool=max |" in note
+    assert "Verdict: pool=" in note and "mean over 2 tasks of" in note
+    listed = {f.path for f in client.list_artifacts(parent.info.run_id, COMPARISON_DIR)}
+    assert f"{COMPARISON_DIR}/{ACROSS_FILE}" in listed
+    out = compare(tmp_path, tmp_path / "compare", "--parent", parent.info.run_id)
+    assert out.returncode == 0, out.stderr
+    assert note.split("Verdict: ")[1].splitlines()[0] in out.stdout

@@ -5,21 +5,23 @@ sweep's closing verdict and the decide sweeper's rounds all make."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-from gpool.compare.render import markdown
+from gpool.compare.across import AcrossTasks, Task, across_tasks, across_verdict, leading
+from gpool.compare.render import across_markdown, markdown
 from gpool.compare.runs import (
     Group,
+    by_task,
     factors,
     fetch_all,
     group_by,
     missing_jobs,
-    one_task,
     tune_groups,
+    within_tasks,
 )
 from gpool.compare.samples import GroupSummary
 from gpool.compare.verdict import PairResult, pair_results, verdict
@@ -42,6 +44,9 @@ class Comparison:
     pairs: list[PairResult] = field(default_factory=list)  # every pair's answer
     margin: float = MARGIN  # the equivalence margin the answers used
     plan: Plan | None = None  # a decide sweep's rule, which answered the pairs
+    #: Over several tasks: each pair's answer across them, the verdict's first (pairs then
+    #: hold every task's pairs, their groups named with their task's label first).
+    across: list[AcrossTasks] = field(default_factory=list)
 
     @property
     def split(self) -> str:
@@ -91,7 +96,13 @@ def compare_jobs(
     missing = missing_jobs(parent, jobs)
     if not runs:
         raise GpoolError("no FINISHED runs to compare in that selection; " + "; ".join(missing))
-    one_task(runs)
+    tasks = by_task(runs)
+    if len(tasks) > 1:
+        if tune:
+            raise GpoolError(
+                f"--tune over {len(tasks)} tasks ({', '.join(tasks)}): select one with --filter"
+            )
+        return compare_tasks(client, parent, tasks, missing, margin, plan)
     curves = fetch_all(client, runs)
     names = factors(runs)
     chosen: list[str] = []
@@ -108,6 +119,54 @@ def compare_jobs(
         )
     if missing:
         table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
-    source = f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
-    header = f"{len(runs)} finished runs from {source}, grouped by {', '.join(names) or 'nothing'}"
+    grouped = ", ".join(names) or "nothing"
+    header = f"{len(runs)} finished runs from {source(parent)}, grouped by {grouped}"
     return Comparison(header, table, line, summaries, groups, names, pairs, margin, plan)
+
+
+def source(parent: Run | None) -> str:
+    return f"sweep {parent.info.run_name!r} ({parent.info.run_id})" if parent else "selection"
+
+
+def compare_tasks(
+    client: MlflowClient,
+    parent: Run | None,
+    tasks: dict[str, list[Run]],
+    missing: Sequence[str],
+    margin: float,
+    plan: Plan | None,
+) -> Comparison:
+    """Runs on several tasks (gpool.compare.runs.by_task): per task its groups and pairs,
+    all pairs one family, and each pair of groups answered across the tasks
+    (gpool.compare.across)."""
+    runs = [run for group in tasks.values() for run in group]
+    curves = {c.run.info.run_id: c for c in fetch_all(client, runs)}
+    names = within_tasks(list(tasks.values()), factors(runs))
+    by_task = {
+        label: group_by([curves[r.info.run_id] for r in group], names)
+        for label, group in tasks.items()
+    }
+    samples = [Task(label, tuple(g.sample() for g in groups)) for label, groups in by_task.items()]
+    per_task, across = across_tasks(samples, margin, ALPHA, plan)
+    lead = leading(samples, across)
+    across = sorted(across, key=lambda pair: pair is not lead)  # the verdict's pair first
+    line = across_verdict(lead, margin, sum(map(len, per_task)))
+    sections, groups, pairs = [], [], []
+    for (label, task_groups), task, results in zip(by_task.items(), samples, per_task, strict=True):
+        summaries = [
+            GroupSummary.of(s, g.values("best"), g.values("best_epoch"))
+            for s, g in zip(task.samples, task_groups, strict=True)
+        ]
+        sections.append((label, summaries, results))
+        groups += [Group(f"{label} {g.name}", g.runs) for g in task_groups]
+        pairs += [replace(r, a=f"{label} {r.a}", b=f"{label} {r.b}") for r in results]
+    table = across_markdown(sections, across, line, margin, plan)
+    if missing:
+        table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
+    summaries = [replace(s, group=f"{label} {s.group}") for label, ss, _ in sections for s in ss]
+    header = (
+        f"{len(runs)} finished runs from {source(parent)} on {len(tasks)} tasks "
+        f"({', '.join(tasks)}), grouped within each by {', '.join(names) or 'nothing'}"
+    )
+    seen = factors(runs)
+    return Comparison(header, table, line, summaries, groups, seen, pairs, margin, plan, across)

@@ -18,9 +18,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from gpool import PROJECT_ROOT
 from gpool.compare.comparison import Comparison, compare_jobs
-from gpool.compare.render import forest_rows, pairwise_cells
+from gpool.compare.render import across_rows, forest_rows, pairwise_cells
 from gpool.levels import MARGIN
 from gpool.names import (
+    ACROSS_FILE,
     COMPARISON_CURVES_FILE,
     COMPARISON_DIR,
     FOREST_FILE,
@@ -28,7 +29,7 @@ from gpool.names import (
     REPORT_FILE,
     TABLE_FILE,
 )
-from gpool.plots import plot_forest, plot_group_curves, plot_pairwise
+from gpool.plots import plot_across, plot_forest, plot_group_curves, plot_pairwise
 from gpool.sequential import Plan
 from gpool.store import sweep_jobs
 from gpool.ui import share_comparison, ui_pointer
@@ -53,7 +54,11 @@ def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
     }
     paths = [out / REPORT_FILE, out / TABLE_FILE]
     paths.append(plot_group_curves(curves, out / COMPARISON_CURVES_FILE))
-    if comparison.pairs:
+    if comparison.across:
+        pair = comparison.across[0]
+        title = f"{pair.a} − {pair.b} per task and over the tasks"
+        paths.append(plot_across(across_rows(pair), comparison.margin, title, out / ACROSS_FILE))
+    elif comparison.pairs:
         rows = forest_rows(comparison.summaries, comparison.pairs)
         interval = f"its {comparison.pairs[0].ci_label}"
         forest = out / FOREST_FILE

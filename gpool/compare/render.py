@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 
 from gpool import stats
+from gpool.compare.across import AcrossTasks
 from gpool.compare.samples import GroupSummary
 from gpool.compare.verdict import PairResult, pair_of
 from gpool.levels import POWER
@@ -29,6 +30,14 @@ def markdown(
 ) -> str:
     """The groups' table, the pairs' table, why any interval covers seeds alone, the rule
     of a sequential sweep, and the verdict."""
+    out = tables(summaries, pairs, split)
+    if plan is not None:
+        out += ["", rule_note(plan, len(pairs))]
+    return "\n".join(out + ["", f"Verdict: {line}", ""])
+
+
+def tables(summaries: Sequence[GroupSummary], pairs: Sequence[PairResult], split: str) -> list[str]:
+    """The groups' table, the pairs' table and why any interval covers seeds alone."""
     out = [
         f"| group | n | final {split} acc % (mean ± std) | 95 % CI | best val acc % (mean ± std) "
         "| epoch of best |",
@@ -48,9 +57,7 @@ def markdown(
             "Intervals over seeds alone, not the test images (the runs logged no usable "
             "per-image predictions): " + "; ".join(alone[:3]) + ("; ..." if len(alone) > 3 else ""),
         ]
-    if plan is not None:
-        out += ["", rule_note(plan, len(pairs))]
-    return "\n".join(out + ["", f"Verdict: {line}", ""])
+    return out
 
 
 def rule_note(plan: Plan, pairs: int) -> str:
@@ -140,3 +147,61 @@ def outlook_line(pair: PairResult, n: int) -> str:
         f"to decide {pair.a} vs {pair.b}, expect about {more:.0f} more seeds a head "
         f"(P(decided by max_seeds) = {pair.p_decided:.2f})"
     )
+
+
+def across_markdown(
+    tasks: Sequence[tuple[str, Sequence[GroupSummary], Sequence[PairResult]]],
+    across: Sequence[AcrossTasks],
+    line: str,
+    margin: float,
+    plan: Plan | None = None,
+) -> str:
+    """Per task its groups' and pairs' tables, then each pair's answer over the tasks, the
+    rule of a sequential sweep, and the verdict."""
+    out = []
+    for label, summaries, pairs in tasks:
+        out += [f"On {label}:", "", *tables(summaries, pairs, summaries[0].split), ""]
+    if across:
+        out += [
+            f"| A | B | over the tasks | mean A − B (points) | {across[0].ci_level:.0%} CI "
+            "| mean P(A > B) | per task |",
+            "| --- " * 7 + "|",
+        ]
+        for pair in across:
+            where = "; ".join(
+                f"{answer}: {', '.join(labels)}" for answer, labels in pair.where().items()
+            )
+            out.append(
+                f"| {pair.a} | {pair.b} | {pair.answer} | {pair.diff:+.2f} | "
+                f"[{fmt(pair.ci_low)}, {fmt(pair.ci_high)}] | {fmt(pair.p_improvement)} | {where} |"
+            )
+        out.append("")
+    if plan is not None:
+        out += [rule_note(plan, sum(len(pairs) for _, _, pairs in tasks)), ""]
+    return "\n".join(out + [f"Verdict: {line}", ""])
+
+
+def across_rows(pair: AcrossTasks) -> list[dict]:
+    """The figure's rows for one pair over the tasks (plots.plot_across): each task's
+    difference with its interval and answer from A's side, then the mean over tasks."""
+    rows = [
+        {
+            "task": label,
+            "diff": result.diff,
+            "low": result.ci_low,
+            "high": result.ci_high,
+            "answer": result.side_answer(),
+            "label": f"{result.side_answer()} ({result.ci_label})",
+        }
+        for label, result in pair.per_task
+    ]
+    mean = {"task": "mean over tasks", "diff": pair.diff, "low": pair.ci_low}
+    rows.append(
+        mean
+        | {
+            "high": pair.ci_high,
+            "answer": LEADER,
+            "label": f"{pair.answer} ({pair.ci_level:.0%} CI)",
+        }
+    )
+    return rows

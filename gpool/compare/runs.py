@@ -123,31 +123,33 @@ def task(run: Run) -> str:
     return f"dataset={run.data.tags.get('dataset', 'unset')}"
 
 
-def one_task(runs: Sequence[Run]) -> None:
-    """Refuse, in one line, runs scored on different images (see task)."""
-    by_task: dict[str, list[Run]] = {}
+def by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """The runs by what they were scored on (see task), each task named by its dataset
+    choice (dataset=translated). Runs scored on different images of one dataset choice (a
+    holdout against the test split, another data folder) are no two tasks, and no
+    comparison either: refused in one line with a --filter that picks one set."""
+    by_images: dict[str, list[Run]] = {}
     for run in runs:
-        by_task.setdefault(task(run), []).append(run)
-    if len(by_task) > 1:
-        listed = "; ".join(
-            f"{t} ({len(group)} runs, e.g. {group[0].info.run_name})"
-            for t, group in by_task.items()
-        )
-        first = next(iter(by_task.values()))[0].data.tags.get("dataset", "fashion_mnist")
-        raise GpoolError(
-            f"these runs were scored on {len(by_task)} different sets of images ({listed}), "
-            "whose accuracies compare no heads: select one with --filter, e.g. "
-            f"\"tags.dataset = '{first}'\""
-        )
+        by_images.setdefault(task(run), []).append(run)
+    chosen = [{r.data.tags.get("dataset", "unset") for r in group} for group in by_images.values()]
+    if all(len(c) == 1 for c in chosen) and len(set().union(*chosen)) == len(chosen):
+        return {
+            f"dataset={c.pop()}": group for c, group in zip(chosen, by_images.values(), strict=True)
+        }
+    listed = "; ".join(
+        f"{t} ({len(group)} runs, e.g. {group[0].info.run_name})" for t, group in by_images.items()
+    )
+    raise GpoolError(
+        f"these runs were scored on {len(by_images)} different sets of images ({listed}) of "
+        "one dataset choice, whose accuracies compare no heads: select one set with --filter "
+        "on what tells them apart, e.g. \"params.`dataset.holdout` = '0'\""
+    )
 
 
 def factors(runs: Sequence[Run]) -> list[str]:
     """What the runs differ in besides the seed: config group choices (tags) first, then
     any other param that affects results, leaving out params that merely follow a varied
     group."""
-
-    def varies(values: list[str | None]) -> bool:
-        return len(set(values)) > 1
 
     groups = [g for g in GROUPS if varies([r.data.tags.get(g) for r in runs])]
     keys = sorted(k for k in set().union(*(r.data.params for r in runs)) if affects_result(k))
@@ -161,13 +163,25 @@ def factors(runs: Sequence[Run]) -> list[str]:
     return groups + params
 
 
+def varies(values: Sequence[str | None]) -> bool:
+    return len(set(values)) > 1
+
+
+def within_tasks(tasks: Sequence[Sequence[Run]], names: Sequence[str]) -> list[str]:
+    """The factors among `names` that vary within a task: what tells groups apart there
+    (the others only tell the tasks apart)."""
+    return [n for n in names if any(varies([factor(r, n) for r in runs]) for runs in tasks)]
+
+
+def factor(run: Run, name: str) -> str | None:
+    """A run's value of a factor: its choice of a config group, or a param."""
+    return run.data.tags.get(name, "unset") if name in GROUPS else run.data.params.get(name)
+
+
 def group_name(run: Run, names: Sequence[str]) -> str:
     if not names:
         return "all runs"
-    return " ".join(
-        f"{n}={run.data.tags.get(n, 'unset') if n in GROUPS else run.data.params.get(n)}"
-        for n in names
-    )
+    return " ".join(f"{n}={factor(run, n)}" for n in names)
 
 
 def fetch_images(client: MlflowClient, curves: RunCurves) -> RunCurves:

@@ -67,6 +67,17 @@ class Pair:
                 drawn = draws[a.name][:, order_a], draws[b.name][:, order_b]
         return cls(a.scores[order_a], b.scores[order_b], paired, images, drawn)
 
+    def flipped(self) -> Pair:
+        """The same pair with B as A."""
+        images, draws = self.images, self.draws
+        return Pair(
+            self.b,
+            self.a,
+            self.paired,
+            images if isinstance(images, str) else (images[1], images[0]),
+            None if draws is None else (draws[1], draws[0]),
+        )
+
     @property
     def test(self) -> str:
         return "paired t" if self.paired else "Welch"

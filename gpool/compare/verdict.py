@@ -102,34 +102,56 @@ def pair_results(
     holds in a table of many pairs); given `detect` points, also the seeds a group would
     need to detect that. Under a decide sweep's `plan`, each pair is answered by its
     sequential rule instead (see sequential_result)."""
-    draws = image_draws(samples)
-    plan_alpha = alpha / max(1, math.comb(len(samples), 2))
-    pairs = [Pair.of(a, b, draws) for a, b in itertools.combinations(samples, 2)]
-    names = [(a.name, b.name) for a, b in itertools.combinations(samples, 2)]
-    results = [
-        measure(pair, a, b, margin, alpha, plan_alpha, detect)
-        for pair, (a, b) in zip(pairs, names, strict=True)
-    ]
-    holm_diff = stats.holm([r.p for r in results])
-    holm_equiv = stats.holm([r.p_equivalence for r in results])
-    results = [
-        replace(r, p_holm=p_diff, p_equivalence_holm=p_equiv)
-        for r, p_diff, p_equiv in zip(results, holm_diff, holm_equiv, strict=True)
-    ]
-    if plan is not None:
-        return [
-            sequential_result(r, pair, plan, len(pairs))
-            for r, pair in zip(results, pairs, strict=True)
+    return [result for result, _ in family_results([samples], detect, margin, alpha, plan)[0]]
+
+
+def family_results(
+    tasks: Sequence[Sequence[Sample]],
+    detect: float | None = None,
+    margin: float = MARGIN,
+    alpha: float = ALPHA,
+    plan: Plan | None = None,
+) -> list[list[tuple[PairResult, Pair]]]:
+    """pair_results for several tasks at once, as one family: per task, every pair of its
+    groups with the Pair behind it; Holm's adjustment, the seeds to decide and a decide
+    sweep's split of alpha run over the pairs of every task, so that the chance of any
+    wrong answer anywhere stays within `alpha`."""
+    measured: list[list[tuple[PairResult, Pair]]] = []
+    count = sum(math.comb(len(samples), 2) for samples in tasks)
+    plan_alpha = alpha / max(1, count)
+    for samples in tasks:
+        draws = image_draws(samples)
+        pairs = [
+            (a.name, b.name, Pair.of(a, b, draws)) for a, b in itertools.combinations(samples, 2)
         ]
-    return [
-        replace(
-            r,
-            answer=stats.decide(
-                r.p_holm, r.p_equivalence_holm, (r.ci_low, r.ci_high), margin, alpha
-            ),
+        measured.append(
+            [(measure(pair, a, b, margin, alpha, plan_alpha, detect), pair) for a, b, pair in pairs]
         )
-        for r in results
-    ]
+    flat = [result for task in measured for result, _ in task]
+    holm_diff = iter(stats.holm([r.p for r in flat]))
+    holm_equiv = iter(stats.holm([r.p_equivalence for r in flat]))
+    answered = []
+    for task in measured:
+        results = []
+        for result, pair in task:
+            adjusted = replace(result, p_holm=next(holm_diff), p_equivalence_holm=next(holm_equiv))
+            results.append((answer(adjusted, pair, margin, alpha, plan, count), pair))
+        answered.append(results)
+    return answered
+
+
+def answer(
+    result: PairResult, pair: Pair, margin: float, alpha: float, plan: Plan | None, count: int
+) -> PairResult:
+    """A Holm-adjusted pair answered at `alpha`, or by a decide sweep's rule over `count`
+    pairs."""
+    if plan is not None:
+        return sequential_result(result, pair, plan, count)
+    interval = (result.ci_low, result.ci_high)
+    return replace(
+        result,
+        answer=stats.decide(result.p_holm, result.p_equivalence_holm, interval, margin, alpha),
+    )
 
 
 def measure(
