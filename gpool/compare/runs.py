@@ -131,6 +131,8 @@ def by_task(runs: Sequence[Run]) -> dict[str, list[Run]]:
     by_images: dict[str, list[Run]] = {}
     for run in runs:
         by_images.setdefault(task(run), []).append(run)
+    if len(by_images) == 1:
+        return {f"dataset={runs[0].data.tags.get('dataset', 'unset')}": list(runs)}
     chosen = [{r.data.tags.get("dataset", "unset") for r in group} for group in by_images.values()]
     if all(len(c) == 1 for c in chosen) and len(set().union(*chosen)) == len(chosen):
         return {
