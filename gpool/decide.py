@@ -41,14 +41,14 @@ def rounds(sweeper: GroupSweeper, plan: Plan, arguments: list[str]) -> list[Sequ
     log.info("decide sweep: %s", plan.text())
     plan_ahead(client, parent, plan)
     returns: list[Sequence[JobReturn]] = []
-    done = 0
+    done, launched, going = 0, 0, groups
     for n in plan.looks():
-        batch = [[*group, f"seed={s}"] for group in groups for s in range(done, n)]
-        results = sweeper.launcher.launch(batch, initial_job_idx=len(groups) * done)
+        batch = [[*group, f"seed={s}"] for group in going for s in range(done, n)]
+        results = sweeper.launcher.launch(batch, initial_job_idx=launched)
         for result in results:
             _ = result.return_value  # a failed job fails the sweep, as Hydra's own do
         returns.append(results)
-        done = n
+        done, launched = n, launched + len(batch)
         comparison = compare(client, parent, plan, n)
         report(client, parent.info.run_id, n, comparison)
         if stats.decided([pair.answer for pair in comparison.pairs]):
@@ -56,9 +56,22 @@ def rounds(sweeper: GroupSweeper, plan: Plan, arguments: list[str]) -> list[Sequ
             record(client, parent.info.run_id, f"{settled} after {n} seeds per group")
             log.info("%s after %d seeds per group (max_seeds %d)", settled, n, plan.max_seeds)
             return returns
+        going = still_open(groups, comparison)
     record(client, parent.info.run_id, f"not decided at max_seeds={plan.max_seeds}")
     log.info("not decided at max_seeds=%d: raise hydra.sweeper.max_seeds", plan.max_seeds)
     return returns
+
+
+def still_open(groups: list[list[str]], comparison: Comparison) -> list[list[str]]:
+    """The groups the next round runs: all of them, or over several tasks those of the
+    tasks with a pair still open (a group is its task's when it holds the task's override,
+    e.g. dataset=translated); a task settled at its look keeps its answer at later looks,
+    as its runs do not change."""
+    settled = comparison.settled_tasks()
+    going = [g for g in groups if not any(label in g for label in settled)]
+    if len(going) < len(groups):
+        log.info("settled, no more seeds: %s", ", ".join(sorted(settled)))
+    return going
 
 
 def plan_ahead(client: MlflowClient, parent: Run, plan: Plan) -> None:

@@ -79,3 +79,36 @@ def test_a_decide_sweep_it_cannot_run_is_one_line(
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert job_runs(tmp_path) == [] and sweep_runs(tmp_path) == []  # checked before any run
+
+
+@pytest.mark.process
+def test_a_decide_sweep_over_tasks_stops_each_task_when_it_is_settled(tmp_path, idx_root) -> None:
+    """The lrs of the first test on two tasks: each task's pair answered by the rule over
+    the family of both; occluded is settled at the first look and given no more seeds,
+    while translated (four times the pixels, too few steps to learn) goes on alone to
+    max_seeds; the verdict across the tasks names both."""
+    args = (
+        "hydra/sweeper=decide",
+        "hydra.sweeper.max_seeds=4",
+        "hydra.sweeper.futility=0",  # translated stays open to the end
+        "optimizer.lr=1e-6,1e-2",
+        "dataset=occluded,translated",
+        "++dataset.base.checksums=null",
+        *SHORT,
+        "trainer.epochs=3",
+        "trainer.limit_train_batches=8",
+    )
+    proc = run_gpool(tmp_path, idx_root, *args, multirun=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "settled, no more seeds: dataset=occluded" in proc.stdout
+    runs = job_runs(tmp_path)
+    seeds = {
+        task: sorted({int(r.data.params["seed"]) for r in runs if r.data.tags["dataset"] == task})
+        for task in ("occluded", "translated")
+    }
+    assert seeds == {"occluded": [0, 1, 2], "translated": [0, 1, 2, 3]}
+    assert len(runs) == 2 * (3 + 4)
+    (sweep,) = sweep_runs(tmp_path)
+    verdict = sweep.data.tags["mlflow.note.content"].splitlines()[0]
+    assert "optimizer.lr=0.01 better on dataset=occluded" in verdict
+    assert "on dataset=translated" in verdict and "Holm over 2 pairs in 2 tasks" in verdict

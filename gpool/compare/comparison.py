@@ -11,6 +11,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
+from gpool import stats
 from gpool.compare.across import AcrossTasks, Task, across_tasks, across_verdict, leading
 from gpool.compare.render import across_markdown, markdown
 from gpool.compare.runs import (
@@ -47,6 +48,17 @@ class Comparison:
     #: Over several tasks: each pair's answer across them, the verdict's first (pairs then
     #: hold every task's pairs, their groups named with their task's label first).
     across: list[AcrossTasks] = field(default_factory=list)
+    #: Over several tasks: each task's label and its own pairs.
+    per_task: list[tuple[str, list[PairResult]]] = field(default_factory=list)
+
+    def settled_tasks(self) -> set[str]:
+        """The tasks whose every pair is answered or undecidable (gpool.decide stops
+        adding seeds to them)."""
+        return {
+            label
+            for label, pairs in self.per_task
+            if stats.decided([pair.answer for pair in pairs])
+        }
 
     @property
     def split(self) -> str:
@@ -169,4 +181,7 @@ def compare_tasks(
         f"({', '.join(tasks)}), grouped within each by {', '.join(names) or 'nothing'}"
     )
     seen = factors(runs)
-    return Comparison(header, table, line, summaries, groups, seen, pairs, margin, plan, across)
+    labelled = list(zip(tasks, per_task, strict=True))
+    return Comparison(
+        header, table, line, summaries, groups, seen, pairs, margin, plan, across, labelled
+    )
