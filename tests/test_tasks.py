@@ -129,3 +129,4 @@ def test_a_sweep_over_tasks_logs_each_tasks_images_and_a_verdict_across_them(
     out = compare(tmp_path, tmp_path / "compare", "--parent", parent.info.run_id)
     assert out.returncode == 0, out.stderr
     assert note.split("Verdict: ")[1].splitlines()[0] in out.stdout
+    assert out.stdout.count("comes from, per class") == 2  # a class table a task

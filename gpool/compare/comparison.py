@@ -13,7 +13,8 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from gpool import stats
 from gpool.compare.across import AcrossTasks, Task, across_tasks, across_verdict, leading
-from gpool.compare.render import across_markdown, markdown
+from gpool.compare.classes import class_differences, class_names
+from gpool.compare.render import across_markdown, class_section, markdown
 from gpool.compare.runs import (
     Group,
     by_task,
@@ -24,7 +25,7 @@ from gpool.compare.runs import (
     tune_groups,
     within_tasks,
 )
-from gpool.compare.samples import GroupSummary
+from gpool.compare.samples import GroupSummary, Sample
 from gpool.compare.verdict import PairResult, pair_results, verdict
 from gpool.errors import GpoolError
 from gpool.levels import ALPHA, MARGIN
@@ -89,7 +90,19 @@ def compare_groups(
     ]
     pairs = pair_results(samples, detect, margin, ALPHA, plan)
     line = verdict(samples, pairs, margin, plan)
-    return summaries, pairs, line, markdown(summaries, pairs, line, groups[0].split, plan)
+    table = markdown(summaries, pairs, line, groups[0].split, plan)
+    return summaries, pairs, line, table + per_class(groups, samples)
+
+
+def per_class(groups: Sequence[Group], samples: Sequence[Sample]) -> str:
+    """The class table of the two groups with the best mean score (the verdict's pair):
+    where their difference comes from; nothing for one group."""
+    if len(samples) < 2:
+        return ""
+    top, second = sorted(samples, key=lambda s: s.scores.mean(), reverse=True)[:2]
+    names = class_names(groups[0].runs[0].run.data.params.get("dataset.classes"))
+    diff = float(top.scores.mean() - second.scores.mean())
+    return "\n" + class_section(top.name, second.name, diff, class_differences(top, second, names))
 
 
 def compare_jobs(
@@ -169,13 +182,13 @@ def compare_tasks(
             GroupSummary.of(s, g.values("best"), g.values("best_epoch"))
             for s, g in zip(task.samples, task_groups, strict=True)
         ]
-        sections.append((label, summaries, results))
+        sections.append((label, summaries, results, per_class(task_groups, task.samples)))
         groups += [Group(f"{label} {g.name}", g.runs) for g in task_groups]
         pairs += [replace(r, a=f"{label} {r.a}", b=f"{label} {r.b}") for r in results]
     table = across_markdown(sections, across, line, margin, plan)
     if missing:
         table += "\nNot compared:\n" + "".join(f"- {m}\n" for m in missing)
-    summaries = [replace(s, group=f"{label} {s.group}") for label, ss, _ in sections for s in ss]
+    summaries = [replace(s, group=f"{task[0]} {s.group}") for task in sections for s in task[1]]
     header = (
         f"{len(runs)} finished runs from {source(parent)} on {len(tasks)} tasks "
         f"({', '.join(tasks)}), grouped within each by {', '.join(names) or 'nothing'}"

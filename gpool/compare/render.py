@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from gpool import stats
 from gpool.compare.across import AcrossTasks
+from gpool.compare.classes import ClassDifference, carriers
 from gpool.compare.samples import GroupSummary
 from gpool.compare.verdict import PairResult, pair_of
 from gpool.levels import POWER
@@ -150,17 +151,18 @@ def outlook_line(pair: PairResult, n: int) -> str:
 
 
 def across_markdown(
-    tasks: Sequence[tuple[str, Sequence[GroupSummary], Sequence[PairResult]]],
+    tasks: Sequence[tuple[str, Sequence[GroupSummary], Sequence[PairResult], str]],
     across: Sequence[AcrossTasks],
     line: str,
     margin: float,
     plan: Plan | None = None,
 ) -> str:
-    """Per task its groups' and pairs' tables, then each pair's answer over the tasks, the
-    rule of a sequential sweep, and the verdict."""
+    """Per task its groups' and pairs' tables and what follows them (its class table),
+    then each pair's answer over the tasks, the rule of a sequential sweep, and the
+    verdict."""
     out = []
-    for label, summaries, pairs in tasks:
-        out += [f"On {label}:", "", *tables(summaries, pairs, summaries[0].split), ""]
+    for label, summaries, pairs, after in tasks:
+        out += [f"On {label}:", "", *tables(summaries, pairs, summaries[0].split), after]
     if across:
         out += [
             f"| A | B | over the tasks | mean A − B (points) | {across[0].ci_level:.0%} CI "
@@ -177,7 +179,7 @@ def across_markdown(
             )
         out.append("")
     if plan is not None:
-        out += [rule_note(plan, sum(len(pairs) for _, _, pairs in tasks)), ""]
+        out += [rule_note(plan, sum(len(task[2]) for task in tasks)), ""]
     return "\n".join(out + [f"Verdict: {line}", ""])
 
 
@@ -205,3 +207,23 @@ def across_rows(pair: AcrossTasks) -> list[dict]:
         }
     )
     return rows
+
+
+def class_section(a: str, b: str, diff: float, differences: Sequence[ClassDifference] | str) -> str:
+    """Where A - B comes from: per class its difference, interval and Holm p, and the
+    classes that carry it; or, without per-image predictions, why not."""
+    if isinstance(differences, str):
+        return f"Per class: not available ({differences})."
+    out = [
+        f"Where {a} − {b} comes from, per class (points; 95 % CI over seeds and the class's "
+        "images):",
+        "",
+        "| class | images | A − B | 95 % CI | p (Holm over the classes) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for d in differences:
+        out.append(
+            f"| {d.name} | {d.images} | {d.diff:+.2f} | [{fmt(d.ci_low)}, {fmt(d.ci_high)}] | "
+            f"{fmt(d.p_holm, 4)} |"
+        )
+    return "\n".join([*out, "", f"{a} − {b}: {carriers(differences, diff)}.", ""])
