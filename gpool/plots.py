@@ -126,6 +126,47 @@ def plot_class_maps(
     return path
 
 
+def plot_pair_maps(
+    images: Tensor,
+    maps: Sequence[Tensor],
+    labels: Sequence[int],
+    predicted: Sequence[Sequence[int]],
+    names: Sequence[str],
+    classes: Sequence[str],
+    path: Path,
+) -> Path:
+    """One row per image: the input, then for each of two networks (`names`) the class map
+    of the image's true class, what its pool turns into that class's score; each map
+    scaled to its own range (two networks' maps share no scale), with its mean and peak,
+    what GAP and GMP take. `predicted`: each network's classes."""
+    stacked = np.stack([m.numpy() for m in maps], axis=1)  # [n, 2, h, w]
+    low = stacked.min(axis=(2, 3), keepdims=True)
+    span = stacked.max(axis=(2, 3), keepdims=True) - low
+    scaled = (stacked - low) / np.where(span > 0, span, 1)
+    inch = 1.0 / images.shape[-1]
+    band = round(0.45 / inch)  # three lines of 7-point text
+    grid = map_grid(images.float().numpy(), scaled, band)
+    height, width = grid.rgb.shape[0] * inch, grid.rgb.shape[1] * inch
+    fig = plt.figure(figsize=(width + 0.2, height + 0.6))
+    ax = fig.add_axes((0.1 / (width + 0.2), 0, width / (width + 0.2), height / (height + 0.6)))
+    ax.imshow(grid.rgb, interpolation="nearest")
+    ax.set_axis_off()
+    for r, top in enumerate(grid.tops):
+        ax.text(-0.5, top - 1, f"{classes[labels[r]]}", fontsize=7, va="bottom")
+        for c, centre in enumerate(grid.centres):
+            m = stacked[r, c]
+            said = f"-> {classes[predicted[c][r]]}\nmean {m.mean():.1f} max {m.max():.1f}"
+            ax.text(centre, top - 1, said, fontsize=6, ha="center", va="bottom")
+    fig.suptitle(
+        f"the true class's map before the global pool\nmiddle: {names[0]}, right: {names[1]}"
+        "\n(each map on its own scale)",
+        fontsize=8,
+    )
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(matrix: Tensor, classes: Sequence[str], path: Path) -> Path:
     """Validation confusion matrix, rows true classes, columns predictions. Margins sized
     from the longest class name, not by a layout engine that measures every count's text
@@ -273,6 +314,28 @@ def plot_across(rows: Sequence[Mapping], margin: float, title: str, path: Path) 
     ax.invert_yaxis()
     ax.set_xlabel(f"{title} (points of final accuracy; band: ±{margin:g}-point margin)")
     ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_shift(
+    shifts: Sequence[int],
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    path: Path,
+) -> Path:
+    """Accuracy (points) against the pixels the test images were moved, per group: the
+    mean over its runs and, shaded, its 95 % interval over them (`curves`: per group, its
+    means, lows and highs by shift)."""
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for name, (mean, low, high) in curves.items():
+        ax.plot(shifts, mean, marker="o", label=name)
+        ax.fill_between(shifts, low, high, alpha=0.2)
+    ax.set_xlabel("test images moved by (pixels, in each of four directions)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(list(shifts))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -769,3 +769,19 @@ def test_many_groups_get_their_own_colours_and_one_legend_under_the_panels() -> 
         assert ax.get_legend() is None
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == [f"pool=h{i} (n=2)" for i in range(14)]
+
+
+def test_maps_and_shifts_come_from_the_runs_saved_networks(sweep: Path, tmp_path: Path) -> None:
+    """--maps and --shift rebuild each run's network from its logged config and weights:
+    unshifted, every group scores what its runs logged (the same images, the same
+    predictions); moved, each shift gets its pairs' answers; both figures are written."""
+    proc = compare(sweep, tmp_path, "--maps", "--shift", "3")
+    assert proc.returncode == 0, proc.stderr
+    means = re.findall(r"^\| pool=(?:avg|max) \| 3 \| (\d+\.\d\d) ±", proc.stdout, re.M)
+    unshifted = re.search(r"^\| 0 px \| (\d+\.\d\d) \| (\d+\.\d\d) \|", proc.stdout, re.M)
+    assert unshifted and list(unshifted.groups()) == means, proc.stdout
+    assert re.search(
+        r"^\| 3 px \| \d+\.\d\d \| \d+\.\d\d \| pool=avg − pool=max ", proc.stdout, re.M
+    )
+    for name in ("class_maps_pair.png", "shift.png"):
+        assert (tmp_path / name).stat().st_size > 1000

@@ -98,7 +98,28 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         "a head it will likely take, and P(decided by MAX_SEEDS) (default: the sweep's own "
         "plan, else hydra/sweeper=decide's)",
     )
+    parser.add_argument(
+        "--maps",
+        action="store_true",
+        help="also draw the class maps the two leading groups' networks (one seed) put into "
+        "their pools, side by side, for one test image per class and images they disagree on",
+    )
+    parser.add_argument(
+        "--shift",
+        nargs="+",
+        type=pixels,
+        metavar="PIXELS",
+        help="also score every run's saved network on the test images moved by these pixels "
+        "(e.g. 2 4 8; each of four directions) and compare the groups at each shift",
+    )
     return parser.parse_args(argv)
+
+
+def pixels(text: str) -> int:
+    """A shift in pixels: a whole number from 1 to 64."""
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is no shift in pixels from 1 to 64")
+    return int(text)
 
 
 def mlflow_target(tracking_uri: str | None, experiment: str | None) -> tuple[str, str]:
@@ -146,7 +167,9 @@ def main(argv: list[str] | None = None) -> str:
     made = f"made {date.today().isoformat()} by `{command}`"
     out = args.out or default_out(parent)
     try:
-        paths = report_files(out, comparison, made)
+        out.mkdir(parents=True, exist_ok=True)
+        extra = after_training(client, comparison, args, out)
+        paths = report_files(out, comparison, made) + extra
     except OSError as err:
         raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
     print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}", flush=True)
@@ -161,6 +184,24 @@ def main(argv: list[str] | None = None) -> str:
                 f"({first_line(err)})"
             ) from None
     return comparison.line
+
+
+def after_training(client, comparison: Comparison, args: argparse.Namespace, out: Path) -> list:
+    """--maps and --shift, from the runs' saved networks (gpool.compare.after): their
+    figures' paths; --shift's table joins the comparison's."""
+    if not (args.maps or args.shift):
+        return []
+    from gpool.compare.after import pair_maps, shift_report
+    from gpool.config import compose_config
+
+    data_dir = str(compose_config().data_dir)  # this machine's data, never a run's
+    paths = [pair_maps(client, comparison, data_dir, out)] if args.maps else []
+    if args.shift:
+        shifts = [0, *sorted(set(args.shift))]
+        table, figure = shift_report(client, comparison, data_dir, shifts, out)
+        comparison.table += "\n" + table
+        paths.append(figure)
+    return paths
 
 
 def outlook(comparison: Comparison, parent: Run | None, most: int) -> str:
