@@ -89,6 +89,21 @@ def map_grid(images: np.ndarray, maps: np.ndarray, band: int) -> MapGrid:
     return MapGrid(rgb, tops, [left + (w - 1) / 2 for left in lefts[1:]])
 
 
+def grid_figure(
+    images: np.ndarray, maps: np.ndarray, text: float, title: float
+) -> tuple[Figure, plt.Axes, MapGrid]:
+    """A figure holding map_grid's image on one axes, each tile an inch wide, with `text`
+    inches above each row for its labels and `title` inches on top."""
+    inch = 1.0 / images.shape[-1]
+    grid = map_grid(images, maps, round(text / inch))
+    height, width = grid.rgb.shape[0] * inch, grid.rgb.shape[1] * inch
+    fig = plt.figure(figsize=(width + 0.2, height + title))
+    ax = fig.add_axes((0.1 / (width + 0.2), 0, width / (width + 0.2), height / (height + title)))
+    ax.imshow(grid.rgb, interpolation="nearest")
+    ax.set_axis_off()
+    return fig, ax, grid
+
+
 def plot_class_maps(
     images: Tensor,
     maps: Tensor,
@@ -106,14 +121,10 @@ def plot_class_maps(
     every run's end for ten classes, two axes per row 0.3 s.
     """
     rows, k = min(maps.shape[0], MAX_DRAWN), min(maps.shape[1], MAX_DRAWN)
-    inch = 1.0 / images.shape[-1]  # a tile an inch wide
-    band = round(0.32 / inch)  # two lines of 7-point text
-    grid = map_grid(images[:rows].float().numpy(), maps[:rows, :k].float().numpy(), band)
-    height, width = grid.rgb.shape[0] * inch, grid.rgb.shape[1] * inch
-    fig = plt.figure(figsize=(width + 0.2, height + 0.35))
-    ax = fig.add_axes((0.1 / (width + 0.2), 0, width / (width + 0.2), height / (height + 0.35)))
-    ax.imshow(grid.rgb, interpolation="nearest")
-    ax.set_axis_off()
+    # two lines of 7-point text above each row
+    fig, ax, grid = grid_figure(
+        images[:rows].float().numpy(), maps[:rows, :k].float().numpy(), 0.32, 0.35
+    )
     for r, top in enumerate(grid.tops):
         row = f"{classes[labels[r]]}\n-> {classes[predicted[r]]}"
         ax.text(-0.5, top - 1, row, fontsize=7, va="bottom")
@@ -143,14 +154,8 @@ def plot_pair_maps(
     low = stacked.min(axis=(2, 3), keepdims=True)
     span = stacked.max(axis=(2, 3), keepdims=True) - low
     scaled = (stacked - low) / np.where(span > 0, span, 1)
-    inch = 1.0 / images.shape[-1]
-    band = round(0.45 / inch)  # three lines of 7-point text
-    grid = map_grid(images.float().numpy(), scaled, band)
-    height, width = grid.rgb.shape[0] * inch, grid.rgb.shape[1] * inch
-    fig = plt.figure(figsize=(width + 0.2, height + 0.6))
-    ax = fig.add_axes((0.1 / (width + 0.2), 0, width / (width + 0.2), height / (height + 0.6)))
-    ax.imshow(grid.rgb, interpolation="nearest")
-    ax.set_axis_off()
+    # three lines of 7-point text above each row
+    fig, ax, grid = grid_figure(images.float().numpy(), scaled, 0.45, 0.6)
     for r, top in enumerate(grid.tops):
         ax.text(-0.5, top - 1, f"{classes[labels[r]]}", fontsize=7, va="bottom")
         for c, centre in enumerate(grid.centres):
