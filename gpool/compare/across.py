@@ -26,6 +26,15 @@ EVERY_TASK, EQUIVALENT_EVERYWHERE, DEPENDS = (
     "depends on the task",
 )
 
+#: A task's decided answers from A's side: A better (by any amount), B better, equivalent.
+SIDES = {
+    stats.BETTER: "a",
+    stats.BETTER_WITHIN: "a",
+    stats.WORSE: "b",
+    stats.WORSE_WITHIN: "b",
+    stats.EQUIVALENT: "=",
+}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -54,16 +63,11 @@ class AcrossTasks:
 
     def where(self) -> dict[str, list[str]]:
         """The tasks by their answer from A's side ("A better", "B better", ...)."""
-        named = {
-            stats.BETTER: f"{self.a} better",
-            stats.BETTER_WITHIN: f"{self.a} better",
-            stats.WORSE: f"{self.b} better",
-            stats.WORSE_WITHIN: f"{self.b} better",
-        }
+        named = {"a": f"{self.a} better", "b": f"{self.b} better", "=": stats.EQUIVALENT}
         by: dict[str, list[str]] = {}
         for label, pair in self.per_task:
             side = pair.side_answer()
-            by.setdefault(named.get(side, side), []).append(label)
+            by.setdefault(named.get(SIDES.get(side, ""), side), []).append(label)
         return by
 
     def words(self, margin: float) -> str:
@@ -88,17 +92,10 @@ def across_answer(sides: Sequence[str]) -> str:
     """The answer over tasks from each task's answer on A's side: the same decided answer
     everywhere, "depends on the task" once two tasks are decided differently (whatever the
     undecided ones would add), else undecided."""
-    kind = {
-        stats.BETTER: "a",
-        stats.BETTER_WITHIN: "a",
-        stats.WORSE: "b",
-        stats.WORSE_WITHIN: "b",
-        stats.EQUIVALENT: "=",
-    }
-    decided = {kind[side] for side in sides if side in kind}
+    decided = {SIDES[side] for side in sides if side in SIDES}
     if len(decided) > 1:
         return DEPENDS
-    if len(decided) == 1 and all(side in kind for side in sides):
+    if len(decided) == 1 and all(side in SIDES for side in sides):
         return EQUIVALENT_EVERYWHERE if decided == {"="} else EVERY_TASK
     return stats.UNDECIDED
 
