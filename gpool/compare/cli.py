@@ -170,7 +170,14 @@ def main(argv: list[str] | None = None) -> str:
         out.mkdir(parents=True, exist_ok=True)
         extra = after_training(client, comparison, args, out)
         paths = report_files(out, comparison, made) + extra
-    except OSError as err:
+    except (MlflowException, OSError) as err:
+        if store_failing(err):  # while --maps or --shift read the runs' files
+            raise GpoolError(
+                f"the MLflow store failed while the runs' networks were read ({first_line(err)})"
+                "; no report was written: run the comparison again once the store answers"
+            ) from None
+        if isinstance(err, MlflowException):
+            raise
         raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
     print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}", flush=True)
     if args.plan is not None:
