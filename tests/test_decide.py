@@ -47,6 +47,8 @@ def test_a_decide_sweep_stops_when_decided_and_a_rerun_trains_nothing(tmp_path, 
     assert planned.returncode == 0, planned.stderr
     pair_line = f"- optimizer.lr=0.01 vs optimizer.lr=1e-06: better at {n} seeds a group"
     assert pair_line in planned.stdout
+    # gpool.compare answers a decide sweep's runs by its rule, as the sweep did
+    assert note.splitlines()[0] in planned.stdout and "% repeated CI [" in planned.stdout
     wider = compare(tmp_path, tmp_path / "cmp", "--plan", "20")
     assert f"outlook at {n} seeds a group (first_round=3 seeds_per_round=1 max_seeds=20" in (
         wider.stdout

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # imported once the arguments are read: --help answers at onc
     from mlflow.entities import Run
 
     from gpool.compare.comparison import Comparison
+    from gpool.sequential import Plan
 
 #: The decide sweeper's defaults, for --plan on a sweep that kept no plan of its own.
 DECIDE_DEFAULTS = PROJECT_ROOT / "conf" / "hydra" / "sweeper" / "decide.yaml"
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> str:
         filter_string = ""  # the whole experiment
     try:
         parent, jobs = select_runs(client, experiment, args.parent, filter_string)
-        comparison = compare_jobs(client, parent, jobs, args.detect, args.tune, args.margin)
+        plan = sweep_plan(parent, args.margin)
+        comparison = compare_jobs(client, parent, jobs, args.detect, args.tune, args.margin, plan)
     except (MlflowException, OSError) as err:  # a server that died while runs were read
         if not store_failing(err):
             raise
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> str:
         raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
     print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}", flush=True)
     if args.plan is not None:
-        print(outlook(comparison, parent, args.plan), flush=True)
+        print(outlook(comparison, args.plan), flush=True)
     if parent is not None:
         try:
             print(publish(client, parent, comparison, paths))
@@ -191,6 +193,18 @@ def main(argv: list[str] | None = None) -> str:
                 f"({first_line(err)})"
             ) from None
     return comparison.line
+
+
+def sweep_plan(parent: Run | None, margin: float) -> Plan | None:
+    """A decide sweep's plan (its run's PLAN_TAG), at this comparison's margin: its runs
+    were taken until its rule answered, so they are answered by that rule (a fixed-design
+    test after optional stopping would overstate its confidence); None for other runs."""
+    text = parent.data.tags.get(PLAN_TAG) if parent is not None else None
+    if text is None:
+        return None
+    from gpool.sequential import Plan
+
+    return replace(Plan.from_text(text), margin=margin)
 
 
 def after_training(client, comparison: Comparison, args: argparse.Namespace, out: Path) -> list:
@@ -211,21 +225,19 @@ def after_training(client, comparison: Comparison, args: argparse.Namespace, out
     return paths
 
 
-def outlook(comparison: Comparison, parent: Run | None, most: int) -> str:
+def outlook(comparison: Comparison, most: int) -> str:
     """Each pair's outlook under the decide sweeper's rule (gpool.sequential): the sweep's
-    own plan (its run's PLAN_TAG), else the decide sweeper's defaults; `most` (> 0)
-    replaces its max_seeds."""
+    own plan (sweep_plan), else the decide sweeper's defaults; `most` (> 0) replaces its
+    max_seeds."""
     from gpool.compare.comparison import compare_groups
     from gpool.compare.render import outlook_line
     from gpool.sequential import Plan
 
-    text = parent.data.tags.get(PLAN_TAG) if parent is not None else None
-    if text is None:
+    plan = comparison.plan
+    if plan is None:
         from omegaconf import OmegaConf
 
         plan = Plan.of(OmegaConf.load(DECIDE_DEFAULTS), comparison.margin)
-    else:
-        plan = replace(Plan.from_text(text), margin=comparison.margin)
     seeds = min(len(group.runs) for group in comparison.groups)
     if most:
         plan = replace(plan, max_seeds=max(most, plan.first_round))
