@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     from gpool.compare.comparison import compare_jobs
-    from gpool.compare.publish import default_out, publish, report_files
+    from gpool.compare.publish import default_out, publish
     from gpool.compare.runs import select_runs
     from gpool.store import first_line, open_store, store_failing
 
@@ -162,25 +162,8 @@ def main(argv: list[str] | None = None) -> str:
             f"the MLflow store failed while the runs were read ({first_line(err)}); nothing "
             "was written: run the comparison again once the store answers"
         ) from None
-    command = shlex.join(
-        ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]
-    )
-    # The file carries the command that made it, so a committed table can be regenerated.
-    made = f"made {date.today().isoformat()} by `{command}`"
     out = args.out or default_out(parent)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        extra = after_training(client, comparison, args, out)
-        paths = report_files(out, comparison, made) + extra
-    except (MlflowException, OSError) as err:
-        if store_failing(err):  # while --maps or --shift read the runs' files
-            raise GpoolError(
-                f"the MLflow store failed while the runs' networks were read ({first_line(err)})"
-                "; no report was written: run the comparison again once the store answers"
-            ) from None
-        if isinstance(err, MlflowException):
-            raise
-        raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
+    paths = written(client, comparison, args, out, argv)
     print(f"{comparison.header}\n\n{comparison.table}\nwritten to {out}", flush=True)
     if args.plan is not None:
         print(outlook(comparison, args.plan), flush=True)
@@ -193,6 +176,33 @@ def main(argv: list[str] | None = None) -> str:
                 f"({first_line(err)})"
             ) from None
     return comparison.line
+
+
+def written(client, comparison: Comparison, args: argparse.Namespace, out: Path, argv) -> list:
+    """The report's files in `out`, headed by the command that made them (so a committed
+    table can be regenerated), and --maps' and --shift's figures."""
+    from mlflow.exceptions import MlflowException
+
+    from gpool.compare.publish import report_files
+    from gpool.store import first_line, store_failing
+
+    command = shlex.join(
+        ["python", "-m", "gpool.compare", *(sys.argv[1:] if argv is None else argv)]
+    )
+    made = f"made {date.today().isoformat()} by `{command}`"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        extra = after_training(client, comparison, args, out)
+        return report_files(out, comparison, made) + extra
+    except (MlflowException, OSError) as err:
+        if store_failing(err):  # while --maps or --shift read the runs' files
+            raise GpoolError(
+                f"the MLflow store failed while the runs' networks were read ({first_line(err)})"
+                "; no report was written: run the comparison again once the store answers"
+            ) from None
+        if isinstance(err, MlflowException):
+            raise
+        raise GpoolError(f"cannot write the report to {out} ({err.strerror}); pass --out") from None
 
 
 def sweep_plan(parent: Run | None, margin: float) -> Plan | None:
