@@ -155,7 +155,7 @@ def plot_pair_maps(
     span = stacked.max(axis=(2, 3), keepdims=True) - low
     scaled = (stacked - low) / np.where(span > 0, span, 1)
     # three lines of 7-point text above each row
-    fig, ax, grid = grid_figure(images.float().numpy(), scaled, 0.45, 0.6)
+    fig, ax, grid = grid_figure(images.float().numpy(), scaled, 0.45, 0.7)
     for r, top in enumerate(grid.tops):
         ax.text(-0.5, top - 1, f"{classes[labels[r]]}", fontsize=7, va="bottom")
         for c, centre in enumerate(grid.centres):
@@ -166,6 +166,8 @@ def plot_pair_maps(
         f"the true class's map before the global pool\nmiddle: {names[0]}, right: {names[1]}"
         "\n(each map on its own scale)",
         fontsize=8,
+        y=1 - 0.05 / fig.get_figheight(),  # from the top, however tall the figure
+        va="top",
     )
     fig.savefig(path, dpi=80)
     plt.close(fig)
