@@ -11,19 +11,22 @@ from conftest import SHORT, compare, history, job_runs, run_gpool, sweep_runs
 
 from gpool.names import DECIDED_TAG, PLAN_TAG
 
+#: A decide sweep of an lr that cannot learn against one that can, in short runs.
+LRS = (
+    "hydra/sweeper=decide",
+    "optimizer.lr=1e-6,1e-2",
+    *SHORT,
+    "trainer.epochs=3",
+    "trainer.limit_train_batches=8",
+)
+
 
 @pytest.mark.process
 def test_a_decide_sweep_stops_when_decided_and_a_rerun_trains_nothing(tmp_path, idx_root) -> None:
     """An lr of 1e-6 against 1e-2: looks at 3, 4, 5... seeds a group, the planner's outlook
     after each in the log and on the sweep's run, until the rule answers "better" (long
     before max_seeds); the verdict is the rule's, its interval the look's repeated one."""
-    args = (
-        "hydra/sweeper=decide",
-        "optimizer.lr=1e-6,1e-2",
-        *SHORT,
-        "trainer.epochs=3",
-        "trainer.limit_train_batches=8",
-    )
+    args = LRS
     proc = run_gpool(tmp_path, idx_root, *args, multirun=True)
     assert proc.returncode == 0, proc.stderr
     found = re.search(r"decided after (\d+) seeds per group \(max_seeds 12\)", proc.stdout)
@@ -90,15 +93,11 @@ def test_a_decide_sweep_over_tasks_stops_each_task_when_it_is_settled(tmp_path, 
     while translated (four times the pixels, too few steps to learn) goes on alone to
     max_seeds; the verdict across the tasks names both."""
     args = (
-        "hydra/sweeper=decide",
+        *LRS,
         "hydra.sweeper.max_seeds=4",
         "hydra.sweeper.futility=0",  # translated stays open to the end
-        "optimizer.lr=1e-6,1e-2",
         "dataset=occluded,translated",
         "++dataset.base.checksums=null",
-        *SHORT,
-        "trainer.epochs=3",
-        "trainer.limit_train_batches=8",
     )
     proc = run_gpool(tmp_path, idx_root, *args, multirun=True)
     assert proc.returncode == 0, proc.stderr
