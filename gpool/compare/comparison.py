@@ -25,7 +25,7 @@ from gpool.compare.runs import (
     tune_groups,
     within_tasks,
 )
-from gpool.compare.samples import GroupSummary, Sample
+from gpool.compare.samples import GroupSummary, Sample, leaders
 from gpool.compare.verdict import PairResult, pair_results, verdict
 from gpool.errors import GpoolError
 from gpool.levels import ALPHA, MARGIN
@@ -99,7 +99,7 @@ def per_class(groups: Sequence[Group], samples: Sequence[Sample]) -> str:
     where their difference comes from; nothing for one group."""
     if len(samples) < 2:
         return ""
-    top, second = sorted(samples, key=lambda s: s.scores.mean(), reverse=True)[:2]
+    top, second = leaders(samples)
     names = class_names(groups[0].runs[0].run.data.params.get("dataset.classes"))
     diff = float(top.scores.mean() - second.scores.mean())
     return "\n" + class_section(top.name, second.name, diff, class_differences(top, second, names))

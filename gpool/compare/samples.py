@@ -130,6 +130,12 @@ class Pair:
         return stats.seeds_needed(spread, points, self.paired, alpha, POWER, image_var)
 
 
+def leaders(samples: Sequence[Sample]) -> tuple[Sample, Sample]:
+    """The two groups with the best mean score, best first: the pair a verdict leads with."""
+    top, second = sorted(samples, key=lambda s: s.scores.mean(), reverse=True)[:2]
+    return top, second
+
+
 def pair_images(a: ImageScores | str, b: ImageScores | str) -> tuple[np.ndarray, np.ndarray] | str:
     """Both groups' per-image scores, if both have them on the same images; else why not."""
     for scores in (a, b):

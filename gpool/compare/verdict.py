@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from gpool import sequential, stats
-from gpool.compare.samples import Pair, Sample, image_draws
+from gpool.compare.samples import Pair, Sample, image_draws, leaders
 from gpool.levels import ALPHA, MARGIN, POWER
 from gpool.sequential import Plan
 
@@ -251,7 +251,7 @@ def verdict(
     (and under a decide sweep's plan, what it likely comes to by its max_seeds)."""
     if len(samples) < 2:
         return f"only one group ({samples[0].name}): nothing to compare"
-    top, second = sorted(samples, key=lambda s: s.scores.mean(), reverse=True)[:2]
+    top, second = leaders(samples)
     pair = pair_of(pairs, top.name, second.name)
     words = answer_words(pair, margin, plan)
     if math.isnan(pair.p):
