@@ -27,8 +27,10 @@ from gpool import stats
 pytestmark = pytest.mark.process
 
 FUSED = "hydra/launcher=fused"
-#: 8 steps an epoch on the generated data: 24 steps, "a few dozen".
-STEPS = ("trainer.epochs=3", "trainer.eval_batch_size=128")
+#: 8 steps an epoch on the generated data: 24 steps, "a few dozen". No MLflow model (about
+#: 4 s of CPU a sweep): what these tests compare is histories; the test of what a fused
+#: run logs keeps it.
+STEPS = ("trainer.epochs=3", "trainer.eval_batch_size=128", "mlflow.log_model=false")
 HEADS_X_SEEDS = ("pool=avg,max", "seed=0,1")
 
 
@@ -152,6 +154,7 @@ def test_a_fused_sweep_looks_like_a_basic_one_in_mlflow(tmp_path: Path, idx_root
 
 def test_a_killed_fused_sweep_resumes_every_member_exactly(tmp_path: Path, big_root: Path) -> None:
     args = (FUSED, "pool=avg,max", "trainer.epochs=4", "trainer.log_every_n_steps=10")
+    args += ("mlflow.log_model=false",)
     reference = tmp_path / "reference"
     reference.mkdir()
     assert run_gpool(reference, big_root, *args, multirun=True).returncode == 0
@@ -220,6 +223,7 @@ def test_a_sweep_of_a_batchnorm_model_trains_its_jobs_one_by_one(
 ) -> None:
     """model=resnet18 keeps BatchNorm statistics, which a stack cannot hold per member."""
     short = ("trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+    short += ("mlflow.log_model=false",)  # exporting a ResNet-18 is not what this is about
     sweep = (FUSED, "model=resnet18", "pool=avg,max", "trainer.eval_batch_size=50", *short)
     proc = run_gpool(tmp_path, idx_root, *sweep, multirun=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -232,7 +236,7 @@ def test_a_sweep_of_a_batchnorm_model_trains_its_jobs_one_by_one(
 def test_a_nan_member_fails_alone_and_a_finished_one_is_skipped(
     tmp_path: Path, idx_root: Path
 ) -> None:
-    short = ("trainer.epochs=2", "trainer.limit_train_batches=3")
+    short = ("trainer.epochs=2", "trainer.limit_train_batches=3", "mlflow.log_model=false")
     assert run_gpool(tmp_path, idx_root, "pool=gem", "pool.p=2.0", *short).returncode == 0
     p = "pool.p=2.0,3.0,nan"  # the last member's head computes NaN: so does its loss
     proc = run_gpool(tmp_path, idx_root, FUSED, "pool=gem", p, *short, multirun=True)
