@@ -670,6 +670,8 @@ def test_compare_mistakes_are_one_line(tmp_path: Path, idx_root: Path) -> None:
     assert run_gpool(tmp_path, idx_root, "pool=avg,max", *SHORT, multirun=True).returncode == 0
     one_clear_line(compare(tmp_path, "--parent", "0123456789abcdef"), "0123456789abcdef")
     one_clear_line(compare(tmp_path, "--filter", "tags.pool = = 'avg'"), "nvalid")
+    both = compare(tmp_path, "--parent", "0123456789abcdef", "--filter", "tags.pool = 'avg'")
+    one_clear_line(both, "argument --filter: not allowed with argument --parent")
     # What else lives in an experiment: a notebook's FINISHED run without val_acc, and a
     # run whose group tag someone removed. Both compared or named, no KeyError.
     client = store(tmp_path)

@@ -51,12 +51,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gpool.compare", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--parent", help="parent run id of a sweep (default: the latest sweep)")
-    parser.add_argument(
+    # A sweep's jobs include runs that finished in earlier sweeps, which a filter on the
+    # parent would miss; one selection at a time, never one silently ignored.
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--parent", help="parent run id of a sweep (default: the latest sweep)")
+    selection.add_argument(
         "--filter",
         dest="filter_string",
         help="MLflow filter string over the experiment's runs, e.g. "
-        "\"tags.dataset = 'fashion_mnist'\"",
+        "\"tags.dataset = 'fashion_mnist'\" (one sweep's children: \"tags.mlflow.parentRunId "
+        "= '<id>' and ...\"); not with --parent",
     )
     parser.add_argument(
         "--experiment",
