@@ -51,10 +51,10 @@ def rounds(sweeper: GroupSweeper, plan: Plan, arguments: list[str]) -> list[Sequ
         done, launched = n, launched + len(batch)
         comparison = compare(client, parent, plan, n)
         report(client, parent.info.run_id, n, comparison)
-        if stats.decided([pair.answer for pair in comparison.pairs]):
-            settled = "undecidable" if stats.UNDECIDABLE in answers(comparison) else "decided"
-            record(client, parent.info.run_id, f"{settled} after {n} seeds per group")
-            log.info("%s after %d seeds per group (max_seeds %d)", settled, n, plan.max_seeds)
+        if stats.decided(answers(comparison)):
+            outcome = settled(answers(comparison), n)
+            record(client, parent.info.run_id, outcome)
+            log.info("%s (max_seeds %d)", outcome, plan.max_seeds)
             return returns
         going = still_open(groups, comparison)
     record(client, parent.info.run_id, f"not decided at max_seeds={plan.max_seeds}")
@@ -89,6 +89,19 @@ def plan_ahead(client: MlflowClient, parent: Run, plan: Plan) -> None:
 
 def answers(comparison: Comparison) -> list[str]:
     return [pair.answer for pair in comparison.pairs]
+
+
+def settled(answers: Sequence[str], seeds: int) -> str:
+    """How a settled sweep ended: every pair decided, every pair undecidable, or (over
+    several pairs or tasks) how many of each, so that one undecidable pair does not read
+    as the whole sweep's outcome."""
+    undecidable = list(answers).count(stats.UNDECIDABLE)
+    if undecidable in (0, len(answers)):
+        outcome = "undecidable" if undecidable else "decided"
+    else:
+        decided = len(answers) - undecidable
+        outcome = f"settled ({decided} of {len(answers)} pairs decided, {undecidable} undecidable)"
+    return f"{outcome} after {seeds} seeds per group"
 
 
 def compare(client: MlflowClient, parent: Run, plan: Plan, seeds: int | None = None) -> Comparison:

@@ -9,6 +9,8 @@ import re
 import pytest
 from conftest import SHORT, compare, history, job_runs, run_gpool, sweep_runs
 
+from gpool import stats
+from gpool.decide import settled
 from gpool.names import DECIDED_TAG, PLAN_TAG
 
 #: A decide sweep of an lr that cannot learn against one that can, in short runs.
@@ -113,3 +115,13 @@ def test_a_decide_sweep_over_tasks_stops_each_task_when_it_is_settled(tmp_path, 
     verdict = sweep.data.tags["mlflow.note.content"].splitlines()[0]
     assert "optimizer.lr=0.01 better on dataset=occluded" in verdict
     assert "on dataset=translated" in verdict and "Holm over 2 pairs in 2 tasks" in verdict
+
+
+def test_a_settled_sweep_says_how_many_of_its_pairs_it_decided() -> None:
+    """One pair undecidable among decided ones (a task where the heads tie) is not the
+    sweep's outcome: the line counts both."""
+    better, worse, none = stats.BETTER, stats.WORSE, stats.UNDECIDABLE
+    assert settled([better], 5) == "decided after 5 seeds per group"
+    assert settled([none, none], 7) == "undecidable after 7 seeds per group"
+    mixed = settled([none, worse, worse, better], 10)
+    assert mixed == "settled (3 of 4 pairs decided, 1 undecidable) after 10 seeds per group"
