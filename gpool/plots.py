@@ -309,13 +309,16 @@ def plot_across(rows: Sequence[Mapping], margin: float, title: str, path: Path) 
     fig, ax = plt.subplots(figsize=(9, 1.4 + 0.45 * len(rows)), layout="constrained")
     ax.axvspan(-margin, margin, color="tab:blue", alpha=0.12, lw=0)
     ax.axvline(0, color="black", lw=0.8)
+    low, high = across_span(rows, margin)
     for y, row in enumerate(rows):
         colour = ANSWER_COLOURS[row["answer"]]
         error = [[row["diff"] - row["low"]], [row["high"] - row["diff"]]]
         ax.errorbar(row["diff"], y, xerr=error, fmt="o", color=colour, capsize=3)
-        ax.annotate(
-            row["label"], (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8
-        )
+        label = row["label"]
+        if row["low"] < low or row["high"] > high:
+            label += f"\n[{row['low']:+.2f}, {row['high']:+.2f}], beyond the axis"
+        ax.annotate(label, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+    ax.set_xlim(low, high)
     ax.axhline(len(rows) - 1.5, color="gray", lw=0.5)
     ax.set_yticks(range(len(rows)), [r["task"] for r in rows], fontsize=8)
     ax.invert_yaxis()
@@ -324,6 +327,20 @@ def plot_across(rows: Sequence[Mapping], margin: float, title: str, path: Path) 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def across_span(rows: Sequence[Mapping], margin: float) -> tuple[float, float]:
+    """The x range of plot_across: every difference, the margin's band and each interval
+    up to five times the median interval's width. An early look's repeated interval can be
+    a hundred times wider than a settled task's and would squeeze every other row into a
+    dot; it runs off the axis instead, its ends in its label."""
+    widths = sorted(row["high"] - row["low"] for row in rows)
+    widest = 5 * widths[len(widths) // 2]
+    shown = [row for row in rows if row["high"] - row["low"] <= widest]
+    low = min([-margin] + [r["diff"] for r in rows] + [r["low"] for r in shown])
+    high = max([margin] + [r["diff"] for r in rows] + [r["high"] for r in shown])
+    pad = 0.08 * (high - low)
+    return low - pad, high + pad
 
 
 def plot_shift(

@@ -23,6 +23,7 @@ from gpool.compare.across import (
 from gpool.compare.samples import Sample
 from gpool.compare.verdict import pair_results
 from gpool.levels import ALPHA
+from gpool.plots import across_span, plot_across
 from gpool.predictions import ImageScores
 
 SIMULATIONS = 200
@@ -135,3 +136,24 @@ def test_the_images_enter_the_interval_of_the_mean() -> None:
     images = across_tasks(tasks_images, MARGIN)[1][0]
     assert bare.diff == pytest.approx(images.diff)
     assert images.ci_high - images.ci_low > bare.ci_high - bare.ci_low
+
+
+def test_the_figure_keeps_settled_tasks_readable_beside_an_early_looks_interval(
+    tmp_path,
+) -> None:
+    """The tasks sweep's own rows: fashion_mnist settled undecidable at its second look with
+    a repeated interval of ±86 points; the axis spans the other intervals and every
+    difference, and that one row names its ends."""
+    rows = [
+        {"diff": 0.13, "low": -86.03, "high": 86.29},
+        {"diff": 1.59, "low": 0.21, "high": 2.98},
+        {"diff": 3.65, "low": 1.11, "high": 6.18},
+        {"diff": -1.55, "low": -3.06, "high": -0.03},
+        {"diff": 0.89, "low": 0.54, "high": 1.22},
+    ]
+    low, high = across_span(rows, 0.5)
+    assert -4 < low < -3.06 and 6.18 < high < 7.5
+    labelled = [
+        row | {"task": str(i), "answer": stats.BETTER, "label": "x"} for i, row in enumerate(rows)
+    ]
+    assert plot_across(labelled, 0.5, "A − B", tmp_path / "across.png").stat().st_size > 0
