@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from itertools import cycle
 from pathlib import Path
@@ -322,7 +323,9 @@ def plot_across(rows: Sequence[Mapping], margin: float, title: str, path: Path) 
     ax.axhline(len(rows) - 1.5, color="gray", lw=0.5)
     ax.set_yticks(range(len(rows)), [r["task"] for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{title} (points of final accuracy; band: ±{margin:g}-point margin)")
+    # Groups named by several factors make a long title: wrapped to the figure's width.
+    label = f"{title} (points of final accuracy; band: ±{margin:g}-point margin)"
+    ax.set_xlabel(textwrap.fill(label, 110))
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
