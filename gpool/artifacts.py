@@ -32,8 +32,9 @@ def log_diagnostics(
     run: Tracker, trainer: Trainer, model: nn.Module, member: Member, data: ImageData, job: Job
 ) -> None:
     """What every run keeps besides metrics: weights (a state_dict, and an MLflow model
-    unless mlflow.log_model is off), curves, the class maps that enter the pool for one
-    fixed validation image per class, and over the images its accuracies scored
+    unless mlflow.log_model is off), figures (unless mlflow.log_figures is off) of its
+    curves and of the class maps that enter the pool for one fixed validation image per
+    class, and over the images its accuracies scored
     (trainer.limit_val_batches), the validation confusion matrix and the predicted and
     true class of each validation (and test) image: what an interval over the images as
     well as the seeds needs (gpool.predictions)."""
@@ -61,14 +62,14 @@ def log_diagnostics(
     if job.cfg.mlflow.log_model:
         run.log_model(model, example.contiguous(), len(member.history))
     run.log_artifacts(files, PREDICTIONS_DIR)
-    run.log_artifacts(
-        [
-            job_dir / WEIGHTS_FILE,
+    figures = []
+    if job.cfg.mlflow.log_figures:
+        figures = [
             plot_curves(member.history, job_dir / CURVES_FILE, run.run_name),
             plot_maps(model, data, job),
             plot_confusion(matrix, data.classes, job_dir / CONFUSION_FILE),
         ]
-    )
+    run.log_artifacts([job_dir / WEIGHTS_FILE, *figures])
 
 
 def plot_maps(model: nn.Module, data: ImageData, job: Job) -> Path:

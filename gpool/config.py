@@ -150,7 +150,7 @@ def check_values(cfg: DictConfig) -> None:
     margin = cfg.compare.margin
     if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not 0 < margin < 100:
         raise GpoolError(f"compare.margin must be a number of points in (0, 100), not {margin!r}")
-    for switch in ("mlflow.system_metrics", "mlflow.log_model"):
+    for switch in ("mlflow.system_metrics", "mlflow.log_model", "mlflow.log_figures"):
         if not isinstance(value := OmegaConf.select(cfg, switch), bool):
             raise GpoolError(f"{switch} must be true or false, not {value!r}")
 

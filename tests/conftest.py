@@ -139,7 +139,10 @@ SHORT_WITH_MODEL = (
 #: ... without the MLflow model (model.pt still), which costs a process about 4 s of CPU
 #: (torch.export's import, MLflow's scan of the installed packages): tests about the model
 #: and the runs a browser shows use SHORT_WITH_MODEL.
-SHORT = (*SHORT_WITH_MODEL, "mlflow.log_model=false")
+SHORT_WITH_FIGURES = (*SHORT_WITH_MODEL, "mlflow.log_model=false")
+#: ... and without the three figures (about 1 s of CPU a run, hundreds of runs a suite): tests
+#: about what a run logs use SHORT_WITH_FIGURES.
+SHORT = (*SHORT_WITH_FIGURES, "mlflow.log_figures=false")
 #: Generated data cannot match the real FashionMNIST's md5s: runs on it skip that check.
 GENERATED = "dataset.checksums=null"
 

@@ -12,6 +12,7 @@ import torch
 from conftest import (
     GENERATED,
     SHORT,
+    SHORT_WITH_FIGURES,
     SHORT_WITH_MODEL,
     all_runs,
     job_runs,
@@ -29,7 +30,11 @@ from gpool.model import build_model
 pytestmark = pytest.mark.process
 
 
-def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
+#: The figures a run logs unless mlflow.log_figures is off.
+FIGURES = {"curves.png", "class_maps.png", "confusion_matrix.png"}
+
+
+def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int, figures: bool) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert run.info.status == "FINISHED"
     assert run.info.run_name == f"pool={pool} seed={seed}"
@@ -47,16 +52,8 @@ def check_finished_run(tmp_path: Path, run: Run, pool: str, seed: int) -> None:
     steps = client.get_metric_history(run.info.run_id, "train_step_loss")
     assert sorted(m.step for m in steps) == [2, 4, 6]  # every 2nd of 3 steps x 2 epochs
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert names == {
-        "config.yaml",
-        "hydra",
-        "predictions",
-        "curves.png",
-        "model.pt",
-        "class_maps.png",
-        "confusion_matrix.png",
-        "confusion_matrix.json",
-    }
+    expected = {"config.yaml", "hydra", "predictions", "model.pt", "confusion_matrix.json"}
+    assert names == expected | (FIGURES if figures else set())
     hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
     assert hydra_files == {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"}
     local = Path(
@@ -129,15 +126,15 @@ def test_runs_log_system_metrics_unless_switched_off(
 
 
 def test_single_run_logs_params_metrics_and_artifacts(tmp_path: Path, idx_root: Path) -> None:
-    proc = run_gpool(tmp_path, idx_root, *SHORT, fresh_store=True)  # the first command
+    proc = run_gpool(tmp_path, idx_root, *SHORT_WITH_FIGURES, fresh_store=True)  # first command
     assert proc.returncode == 0, proc.stderr
     assert "validation_accuracy" in proc.stdout  # the article-style summary line per epoch
     (run,) = all_runs(tmp_path)
-    check_finished_run(tmp_path, run, "avg", 0)
+    check_finished_run(tmp_path, run, "avg", 0, figures=True)
     assert "mlflow.parentRunId" not in run.data.tags
     assert (tmp_path / "single" / "curves.png").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    # SHORT has mlflow.log_model=false: no logged model, model.pt alone (checked above)
+    # SHORT_WITH_FIGURES has mlflow.log_model=false: no logged model, model.pt alone (checked above)
     assert client.get_run(run.info.run_id).outputs.model_outputs == []
     experiment = client.get_experiment_by_name("gpool")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -194,7 +191,7 @@ def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> 
     for run, (pool, seed) in zip(
         runs, [("avg", 0), ("avg", 1), ("max", 0), ("max", 1)], strict=True
     ):
-        check_finished_run(tmp_path, run, pool, seed)
+        check_finished_run(tmp_path, run, pool, seed, figures=False)  # SHORT: none
     parent_id = {run.data.tags["mlflow.parentRunId"] for run in runs}
     assert len(parent_id) == 1
     parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(parent_id.pop())
