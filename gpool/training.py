@@ -153,7 +153,8 @@ def train_runs(
     def after_epoch(n: int, result: EpochResult) -> None:
         save_checkpoint(paths[n], state, n, metas[n])
         runs[n].log_epoch(result)
-        every = jobs[n].cfg.mlflow.class_maps_every_n_epochs
+        tracked = jobs[n].cfg.mlflow
+        every = tracked.class_maps_every_n_epochs if tracked.log_figures else 0
         if every and result.epoch % every == 0:  # the UI's image slider shows them forming
             model = member_network(state, n, jobs[n].cfg, trainer)
             runs[n].log_image(plot_maps(model, data, jobs[n]), CLASS_MAPS_KEY, result.epoch)
