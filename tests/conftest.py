@@ -100,9 +100,15 @@ def idx_root(tmp_path: Path) -> Path:
     return make_idx_root(tmp_path)
 
 
+#: What a run logs besides its metrics, weights, checkpoints and predictions, off: the MLflow
+#: model (about 4 s of CPU a process: torch.export's import, MLflow's scan of the installed
+#: packages) and the figures (about 1 s a run, hundreds of runs a suite). The tests about
+#: those keep them.
+LEAN = ("mlflow.log_model=false", "mlflow.log_figures=false")
+
 #: Runs long enough (about a quarter of a second an epoch on big_root) to be stopped in:
 #: the test sends its signal within 20 ms of the first checkpoint, 7 epochs before the end.
-LONG = ("trainer.epochs=8", "trainer.log_every_n_steps=10", "mlflow.log_model=false")
+LONG = ("trainer.epochs=8", "trainer.log_every_n_steps=10", *LEAN)
 
 
 @pytest.fixture(scope="session")
@@ -136,13 +142,10 @@ SHORT_WITH_MODEL = (
     "trainer.eval_batch_size=100",
     "trainer.limit_val_batches=1",
 )
-#: ... without the MLflow model (model.pt still), which costs a process about 4 s of CPU
-#: (torch.export's import, MLflow's scan of the installed packages): tests about the model
-#: and the runs a browser shows use SHORT_WITH_MODEL.
+#: ... without the MLflow model (model.pt still): tests about what a run logs.
 SHORT_WITH_FIGURES = (*SHORT_WITH_MODEL, "mlflow.log_model=false")
-#: ... and without the three figures (about 1 s of CPU a run, hundreds of runs a suite): tests
-#: about what a run logs use SHORT_WITH_FIGURES.
-SHORT = (*SHORT_WITH_FIGURES, "mlflow.log_figures=false")
+#: ... LEAN: tests about the model and the runs a browser shows use SHORT_WITH_MODEL.
+SHORT = (*SHORT_WITH_MODEL, *LEAN)
 #: Generated data cannot match the real FashionMNIST's md5s: runs on it skip that check.
 GENERATED = "dataset.checksums=null"
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import (
     DEBIAN_DIR,
+    LEAN,
     LONG,
     all_runs,
     history,
@@ -27,10 +28,9 @@ from gpool import stats
 pytestmark = pytest.mark.process
 
 FUSED = "hydra/launcher=fused"
-#: 8 steps an epoch on the generated data: 24 steps, "a few dozen". No MLflow model (about
-#: 4 s of CPU a sweep): what these tests compare is histories; the test of what a fused
-#: run logs keeps it.
-STEPS = ("trainer.epochs=3", "trainer.eval_batch_size=128", "mlflow.log_model=false")
+#: 8 steps an epoch on the generated data: 24 steps, "a few dozen". LEAN: what these tests
+#: compare is histories; the test of what a fused run logs keeps the model and figures.
+STEPS = ("trainer.epochs=3", "trainer.eval_batch_size=128", *LEAN)
 HEADS_X_SEEDS = ("pool=avg,max", "seed=0,1")
 
 
@@ -74,7 +74,7 @@ def test_fused_and_separate_runs_are_statistically_the_same(tmp_path: Path) -> N
     equivalent to 0 within ±SAME_WITHIN points (paired TOST at 0.05) and shows no
     systematic shift (paired t, p > 0.01). The two sweeps run side by side."""
     sweep = ("pool=avg,max", "seed=0,1,2,3", "trainer.epochs=1", "trainer.limit_train_batches=100")
-    sweep += ("trainer.limit_val_batches=3", "mlflow.log_model=false")  # 3000 test images
+    sweep += ("trainer.limit_val_batches=3", *LEAN)  # 3000 test images
     real = ("dataset=fashion_mnist",)  # the real files, their md5s checked
     sweeps = {}
     for side, launcher in (("fused", (FUSED,)), ("basic", ())):
@@ -154,7 +154,7 @@ def test_a_fused_sweep_looks_like_a_basic_one_in_mlflow(tmp_path: Path, idx_root
 
 def test_a_killed_fused_sweep_resumes_every_member_exactly(tmp_path: Path, big_root: Path) -> None:
     args = (FUSED, "pool=avg,max", "trainer.epochs=4", "trainer.log_every_n_steps=10")
-    args += ("mlflow.log_model=false",)
+    args += LEAN
     reference = tmp_path / "reference"
     reference.mkdir()
     assert run_gpool(reference, big_root, *args, multirun=True).returncode == 0
@@ -223,7 +223,7 @@ def test_a_sweep_of_a_batchnorm_model_trains_its_jobs_one_by_one(
 ) -> None:
     """model=resnet18 keeps BatchNorm statistics, which a stack cannot hold per member."""
     short = ("trainer.epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
-    short += ("mlflow.log_model=false",)  # exporting a ResNet-18 is not what this is about
+    short += LEAN  # exporting and drawing a ResNet-18 is not what this is about
     sweep = (FUSED, "model=resnet18", "pool=avg,max", "trainer.eval_batch_size=50", *short)
     proc = run_gpool(tmp_path, idx_root, *sweep, multirun=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -236,7 +236,7 @@ def test_a_sweep_of_a_batchnorm_model_trains_its_jobs_one_by_one(
 def test_a_nan_member_fails_alone_and_a_finished_one_is_skipped(
     tmp_path: Path, idx_root: Path
 ) -> None:
-    short = ("trainer.epochs=2", "trainer.limit_train_batches=3", "mlflow.log_model=false")
+    short = ("trainer.epochs=2", "trainer.limit_train_batches=3", *LEAN)
     assert run_gpool(tmp_path, idx_root, "pool=gem", "pool.p=2.0", *short).returncode == 0
     p = "pool.p=2.0,3.0,nan"  # the last member's head computes NaN: so does its loss
     proc = run_gpool(tmp_path, idx_root, FUSED, "pool=gem", p, *short, multirun=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    LEAN,
     LONG,
     SHORT,
     history,
@@ -136,7 +137,7 @@ def test_parallel_sweep_on_a_fresh_store_loses_nothing(tmp_path: Path, idx_root:
         "trainer.limit_train_batches=2",
         "trainer.eval_batch_size=100",
         "trainer.limit_val_batches=1",
-        "mlflow.log_model=false",
+        *LEAN,
         multirun=True,
         fresh_store=True,
     )
