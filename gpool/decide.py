@@ -51,8 +51,8 @@ def rounds(sweeper: GroupSweeper, plan: Plan, arguments: list[str]) -> list[Sequ
         done, launched = n, launched + len(batch)
         comparison = compare(client, parent, plan, n)
         report(client, parent.info.run_id, n, comparison)
-        if stats.decided(answers(comparison)):
-            outcome = settled(answers(comparison), n)
+        if stats.decided(found := answers(comparison)):
+            outcome = settled(found, n)
             record(client, parent.info.run_id, outcome)
             log.info("%s (max_seeds %d)", outcome, plan.max_seeds)
             return returns
@@ -91,16 +91,16 @@ def answers(comparison: Comparison) -> list[str]:
     return [pair.answer for pair in comparison.pairs]
 
 
-def settled(answers: Sequence[str], seeds: int) -> str:
+def settled(found: Sequence[str], seeds: int) -> str:
     """How a settled sweep ended: every pair decided, every pair undecidable, or (over
     several pairs or tasks) how many of each, so that one undecidable pair does not read
     as the whole sweep's outcome."""
-    undecidable = list(answers).count(stats.UNDECIDABLE)
-    if undecidable in (0, len(answers)):
+    undecidable = list(found).count(stats.UNDECIDABLE)
+    if undecidable in (0, len(found)):
         outcome = "undecidable" if undecidable else "decided"
     else:
-        decided = len(answers) - undecidable
-        outcome = f"settled ({decided} of {len(answers)} pairs decided, {undecidable} undecidable)"
+        decided = len(found) - undecidable
+        outcome = f"settled ({decided} of {len(found)} pairs decided, {undecidable} undecidable)"
     return f"{outcome} after {seeds} seeds per group"
 
 
