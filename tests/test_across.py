@@ -143,7 +143,7 @@ def test_the_figure_keeps_settled_tasks_readable_beside_an_early_looks_interval(
 ) -> None:
     """The tasks sweep's own rows: fashion_mnist settled undecidable at its second look with
     a repeated interval of ±86 points; the axis spans the other intervals and every
-    difference, and that one row names its ends."""
+    difference (that row runs off it), and the figure draws with it."""
     rows = [
         {"diff": 0.13, "low": -86.03, "high": 86.29},
         {"diff": 1.59, "low": 0.21, "high": 2.98},
