@@ -332,15 +332,15 @@ def test_compare_names_the_jobs_it_leaves_out_and_why(tmp_path: Path, idx_root: 
 def test_sigkill_of_the_launcher_leaves_no_worker_and_nothing_running(
     tmp_path: Path, idx_root: Path, launcher: str
 ) -> None:
-    """Hydra's basic launcher, and gpool's default running jobs side by side on this CPU
-    (its joblib workers, hydra.launcher.jobs=2)."""
-    parallel = ("hydra.launcher.jobs=2",) if launcher == "side-by-side" else ()
+    """gpool's default launcher running jobs one after another (Hydra's basic launcher,
+    hydra.launcher.jobs=1) and side by side on this CPU (its joblib workers, jobs=2)."""
+    parallel = launcher == "side-by-side"
     jobs = (0, 1) if parallel else (0,)
     proc = start_gpool(
         tmp_path,
         idx_root,
         f"hydra.sweep.dir={tmp_path}/multirun",
-        *parallel,
+        f"hydra.launcher.jobs={len(jobs)}",
         "pool=avg,max",
         "trainer.epochs=1000",
         *SHORT[1:],
