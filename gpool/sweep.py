@@ -176,6 +176,7 @@ class SweepTracking(Callback):
         self.margin = MARGIN  # the comparison's equivalence margin, from the config
         self.tune: list[str] | None = None  # keys a search tuned: the verdict picks their best
         self.plan: Plan | None = None  # a decide sweep's rule, which its verdict follows
+        self.figures = True  # mlflow.log_figures: the comparison's figures too
         self.interrupted = False
 
     @staticmethod
@@ -237,6 +238,7 @@ class SweepTracking(Callback):
         self.parent = (client.tracking_uri, run_id)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.margin = float(config.compare.margin)
+        self.figures = bool(config.mlflow.log_figures)
         os.environ[PARENT_RUN_ENV] = run_id
         os.environ[SWEPT_KEYS_ENV] = " ".join(swept_keys(config))
         self.tune = searched_keys(config) or None
@@ -251,22 +253,19 @@ class SweepTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close_parent(completed=True)
 
-    @staticmethod
-    def state_the_verdict(
-        client: MlflowClient,
-        run_id: str,
-        out: Path,
-        margin: float,
-        plan: Plan | None,
-        tune: list[str] | None = None,
-    ) -> None:
-        """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would;
-        the files go to `out`) and print it; a sweep without any finished job has nothing to
-        state."""
+    def state_the_verdict(self, client: MlflowClient, run_id: str) -> None:
+        """Compare the sweep's finished jobs onto its parent run (as `gpool.compare` would,
+        with this sweep's margin, plan, tuned keys and mlflow.log_figures; the files go to
+        its comparison folder) and print it; a sweep without any finished job has nothing
+        to state."""
         from gpool.compare.publish import publish_comparison  # matplotlib: where a sweep ends
 
+        assert self.sweep_dir is not None
+        out = self.sweep_dir / COMPARISON_DIR
         try:
-            comparison, pointer = publish_comparison(client, run_id, out, margin, tune, plan)
+            comparison, pointer = publish_comparison(
+                client, run_id, out, self.margin, self.tune, self.plan, self.figures
+            )
         except (GpoolError, MlflowException) as err:
             log.info("no comparison on the sweep's run: %s", err)
             return
@@ -305,9 +304,7 @@ class SweepTracking(Callback):
             status = "FAILED"
         try:
             if completed or status != "KILLED":  # a stopped sweep is not over: no verdict
-                assert self.sweep_dir is not None
-                out = self.sweep_dir / COMPARISON_DIR
-                self.state_the_verdict(client, run_id, out, self.margin, self.plan, self.tune)
+                self.state_the_verdict(client, run_id)
         finally:  # whatever the comparison met, the sweep's run does not stay RUNNING
             client.set_terminated(run_id, status)
 

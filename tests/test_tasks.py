@@ -15,7 +15,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from gpool.config import build, compose_config
 from gpool.images import Split
-from gpool.names import ACROSS_FILE, COMPARISON_DIR, ROLE_TAG, SWEEP_ROLE, VAL_CONTEXT
+from gpool.names import (
+    ACROSS_FILE,
+    COMPARISON_DIR,
+    ROLE_TAG,
+    SWEEP_ROLE,
+    TABLE_FILE,
+    VAL_CONTEXT,
+)
 
 TASKS = ["translated", "cluttered", "occluded"]
 
@@ -98,8 +105,8 @@ def test_a_sweep_over_tasks_logs_each_tasks_images_and_a_verdict_across_them(
     tmp_path: Path, idx_root: Path
 ) -> None:
     """Two heads on two tasks: every run logs its task's images, and the sweep's run gets
-    each task's pairs and the answer across the tasks, with its figure; gpool.compare
-    reads the same back."""
+    each task's pairs and the answer across the tasks (no figure: the runs are LEAN);
+    gpool.compare reads the same back and draws the figure across the tasks."""
     overrides = ("dataset=translated,occluded", "pool=avg,max", "seed=0,1")
     proc = run_gpool(
         tmp_path, idx_root, *overrides, "++dataset.base.checksums=null", *SHORT, multirun=True
@@ -125,8 +132,9 @@ def test_a_sweep_over_tasks_logs_each_tasks_images_and_a_verdict_across_them(
     assert "On dataset=translated:" in note and "| pool=avg | pool=max |" in note
     assert "Verdict: pool=" in note and "mean over 2 tasks of" in note
     listed = {f.path for f in client.list_artifacts(parent.info.run_id, COMPARISON_DIR)}
-    assert f"{COMPARISON_DIR}/{ACROSS_FILE}" in listed
+    assert f"{COMPARISON_DIR}/{TABLE_FILE}" in listed  # no figure: mlflow.log_figures=false
     out = compare(tmp_path, tmp_path / "compare", "--parent", parent.info.run_id)
     assert out.returncode == 0, out.stderr
     assert note.split("Verdict: ")[1].splitlines()[0] in out.stdout
     assert out.stdout.count("comes from, per class") == 2  # a class table a task
+    assert (tmp_path / "compare" / ACROSS_FILE).stat().st_size > 10_000

@@ -193,15 +193,19 @@ def test_multirun_sweep_logs_one_run_per_job(tmp_path: Path, idx_root: Path) -> 
         runs, [("avg", 0), ("avg", 1), ("max", 0), ("max", 1)], strict=True
     ):
         check_finished_run(tmp_path, run, pool, seed, figures=False)  # SHORT: none
-    parent_id = {run.data.tags["mlflow.parentRunId"] for run in runs}
-    assert len(parent_id) == 1
-    parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(parent_id.pop())
+    (parent_id,) = {run.data.tags["mlflow.parentRunId"] for run in runs}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["gpool.role"] == "sweep"
     assert parent.data.tags["sweep_dir"] == str(tmp_path / "multirun")
     assert "pool=avg,max seed=0,1" in parent.info.run_name
     folders = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
     assert folders == ["0", "1", "2", "3", "comparison"]  # the jobs', and the sweep's verdict
+    # its report and table, and no figure either (mlflow.log_figures=false)
+    written = sorted(p.name for p in (tmp_path / "multirun" / "comparison").iterdir())
+    logged = sorted(Path(a.path).name for a in client.list_artifacts(parent_id, "comparison"))
+    assert written == logged == ["comparison.csv", "comparison.md"]
     assert runs[0].data.metrics["val_loss"] != runs[2].data.metrics["val_loss"]  # heads differ
 
 

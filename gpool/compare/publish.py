@@ -35,9 +35,12 @@ from gpool.store import sweep_jobs
 from gpool.ui import share_comparison, ui_pointer
 
 
-def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
+def write_report(
+    out: Path, report: str, comparison: Comparison, figures: bool = True
+) -> list[Path]:
     """comparison.md, .csv and .png (curves) in `out`, and for two groups or more
-    forest.png (the ranking and its answers) and pairwise.png; returns their paths."""
+    forest.png (the ranking and its answers) and pairwise.png (or across_tasks.png);
+    returns their paths. Without `figures`, the first two alone (mlflow.log_figures)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).write_text(report)
     rows = [s.row() for s in comparison.summaries]
@@ -53,6 +56,8 @@ def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
         for g in comparison.groups
     }
     paths = [out / REPORT_FILE, out / TABLE_FILE]
+    if not figures:
+        return paths
     paths.append(plot_group_curves(curves, out / COMPARISON_CURVES_FILE))
     if comparison.across:
         pair = comparison.across[0]
@@ -70,10 +75,10 @@ def write_report(out: Path, report: str, comparison: Comparison) -> list[Path]:
     return paths
 
 
-def report_files(out: Path, comparison: Comparison, made: str) -> list[Path]:
-    """comparison.md (headed by how it was made), .csv and .png in `out`."""
+def report_files(out: Path, comparison: Comparison, made: str, figures: bool = True) -> list[Path]:
+    """comparison.md (headed by how it was made), .csv and (given `figures`) .png in `out`."""
     report = f"{comparison.header}; {made}\n\n{comparison.table}"
-    return write_report(out, report, comparison)
+    return write_report(out, report, comparison, figures)
 
 
 def metric_key(group: str, statistic: str) -> str:
@@ -132,12 +137,15 @@ def publish_comparison(
     margin: float = MARGIN,
     tune: Sequence[str] | None = None,
     plan: Plan | None = None,
+    figures: bool = True,
 ) -> tuple[Comparison, str]:
     """At the end of a sweep: compare its jobs (each group at its best `tune` values, for a
-    search; by its rule, for a decide sweep), write the report to `out` and put it on the
-    sweep's parent run; returns the comparison and where the UI shows it."""
+    search; by its rule, for a decide sweep), write the report (with its figures, given
+    `figures`) to `out` and put it on the sweep's parent run; returns the comparison and
+    where the UI shows it."""
     parent = client.get_run(run_id)
     jobs = sweep_jobs(client, parent)
     comparison = compare_jobs(client, parent, jobs, tune=tune, margin=margin, plan=plan)
     made = f"made {date.today().isoformat()} as the sweep ended"
-    return comparison, publish(client, parent, comparison, report_files(out, comparison, made))
+    files = report_files(out, comparison, made, figures)
+    return comparison, publish(client, parent, comparison, files)
