@@ -11,9 +11,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 
 from gpool.config import compose_config
-from gpool.sequential import Plan, look_codes, outlook
+from gpool.sequential import Plan, in_tail, look_codes, outlook
 from gpool.spending import boundaries, total_crossing
 
 #: Per-seed paired differences (points): a shared seed effect cancels, each head's own
@@ -94,6 +95,18 @@ def test_boundaries_match_the_published_tables() -> None:
     # looks at unplanned times (an interrupted, then widened sweep) spend by their fractions
     uneven = boundaries([0.3, 0.45, 0.8, 1.0], 0.05, 2, "obrien_fleming")
     assert total_crossing([0.3, 0.45, 0.8, 1.0], uneven, 2) == pytest.approx(0.05, abs=2e-4)
+
+
+def test_a_tail_is_read_as_the_quantile_would_read_it() -> None:
+    """in_tail (the normal's quantile first, then t's tail) says what comparing with t's
+    quantile says, at fractional and huge degrees of freedom, small and large levels."""
+    rng = np.random.default_rng(0)
+    statistic = rng.normal(2.5, 2.0, 200_000)
+    df = np.exp(rng.uniform(np.log(1.5), np.log(1e7), statistic.size))
+    for tail in (0.025, 1e-3, 1e-5, 0.3):
+        expected = statistic >= student_t.isf(tail, df)
+        np.testing.assert_array_equal(in_tail(statistic, df, tail), expected)
+        assert 0 < expected.mean() < 1, tail
 
 
 @pytest.mark.parametrize("spending", ["obrien_fleming", "pocock"])
