@@ -22,7 +22,6 @@ from gpool.names import (
     PREDICTIONS_DIR,
     WEIGHTS_FILE,
 )
-from gpool.plots import plot_class_maps, plot_confusion, plot_curves
 from gpool.predictions import save as save_predictions
 from gpool.state import Member
 from gpool.tracking import Tracker
@@ -64,6 +63,8 @@ def log_diagnostics(
     run.log_artifacts(files, PREDICTIONS_DIR)
     figures = []
     if job.cfg.mlflow.log_figures:
+        from gpool.plots import plot_confusion, plot_curves  # matplotlib: where runs draw
+
         figures = [
             plot_curves(member.history, job_dir / CURVES_FILE, run.run_name),
             plot_maps(model, data, job),
@@ -75,6 +76,8 @@ def log_diagnostics(
 def plot_maps(model: nn.Module, data: ImageData, job: Job) -> Path:
     """class_maps.png in the job's folder: the maps that enter the pool for one fixed
     validation image per class, with true and predicted classes."""
+    from gpool.plots import plot_class_maps  # matplotlib, which lean runs never import
+
     images, maps, labels, predicted = class_maps(model, data, probe_indices(data.val.labels))
     path = job.output_dir / CLASS_MAPS_FILE
     return plot_class_maps(images, maps, labels.tolist(), predicted.tolist(), data.classes, path)

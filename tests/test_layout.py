@@ -1,7 +1,8 @@
 """The house's layout as docs/development.md draws it: no module over 400 lines, no circle
 among gpool's modules, the upper rooms (the commands, the sweep's callback and sweepers)
 imported by no lower one, and Hydra's plugin modules, which every command imports, free of
-torch, MLflow and the rest (a fresh interpreter's -X importtime)."""
+torch, MLflow and the rest (a fresh interpreter's -X importtime), and a job's own modules
+free of matplotlib until a run draws."""
 
 from __future__ import annotations
 
@@ -94,3 +95,15 @@ def test_hydras_plugin_scan_imports_nothing_heavy() -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "hydra_plugins.gpool_fused.fused_launcher" in imported
     assert not {m for m in imported if m.split(".")[0] in HEAVY}
+
+
+def test_a_job_imports_no_drawing_until_it_draws() -> None:
+    """The modules that train and log a run leave matplotlib (and scipy.stats, which the
+    figures' intervals use) to the moment a run draws: every joblib or submitit worker
+    imports them first, and a lean run (mlflow.log_figures=false) never draws."""
+    code = "import sys, gpool.training; print(' '.join(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    imported = set(proc.stdout.split())
+    assert "gpool.artifacts" in imported and "torch" in imported
+    assert not {m for m in imported if m.split(".")[0] == "matplotlib" or m == "scipy.stats"}
