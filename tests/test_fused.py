@@ -156,7 +156,7 @@ def test_a_fused_sweep_looks_like_a_basic_one_in_mlflow(tmp_path: Path, idx_root
 
 
 def test_a_killed_fused_sweep_resumes_every_member_exactly(tmp_path: Path, big_root: Path) -> None:
-    args = (FUSED, "pool=avg,max", "trainer.epochs=4", "trainer.log_every_n_steps=10")
+    args = (FUSED, "pool=avg,max", "trainer.epochs=3", "trainer.log_every_n_steps=10")
     args += LEAN
     reference = tmp_path / "reference"
     reference.mkdir()

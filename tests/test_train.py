@@ -108,10 +108,11 @@ def test_the_logged_model_loads_back_and_images_have_steps(
 def test_runs_log_system_metrics_unless_switched_off(
     tmp_path: Path, idx_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # MLflow samples every 10 s; a run of this machine kind trains here for about 1 s or less
-    # (a fast one sampled once at 0.5 s), so sample 10 times a second.
+    # MLflow samples every 10 s, so sample 10 times a second, and train long enough for two
+    # samples and their writes: 4 whole epochs of the generated data (32 steps, about half a
+    # second; 3 epochs of 3 steps were sampled once on a fast machine).
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
-    longer = (*SHORT, "trainer.epochs=3")
+    longer = (*SHORT, "trainer.epochs=4", "trainer.limit_train_batches=8")
     assert run_gpool(tmp_path, idx_root, *longer).returncode == 0
     switched_off = run_gpool(tmp_path, idx_root, *longer, "seed=1", "mlflow.system_metrics=false")
     assert switched_off.returncode == 0
