@@ -73,10 +73,11 @@ def test_fused_and_separate_runs_are_statistically_the_same(tmp_path: Path) -> N
     """100 steps on the real FashionMNIST, scored on 3000 test images: float32 sums in
     another order drift fused and separate runs apart (the data the generated sets lack:
     images no run gets all of);
-    what holds is statistical: over 8 configs, fused minus separate final accuracy is
+    what holds is statistical: over 6 configs, fused minus separate final accuracy is
     equivalent to 0 within ±SAME_WITHIN points (paired TOST at 0.05) and shows no
-    systematic shift (paired t, p > 0.01). The two sweeps run side by side."""
-    sweep = ("pool=avg,max", "seed=0,1,2,3", "trainer.epochs=1", "trainer.limit_train_batches=100")
+    systematic shift (paired t, p > 0.01). The two sweeps run side by side. (Measured
+    2026-12-07 over 8 configs: differences of -0.23 to +0.33 points, TOST p 2e-9.)"""
+    sweep = ("pool=avg,max", "seed=0,1,2", "trainer.epochs=1", "trainer.limit_train_batches=100")
     sweep += ("trainer.limit_val_batches=3", *LEAN)  # 3000 test images
     real = ("dataset=fashion_mnist",)  # the real files, their md5s checked
     sweeps = {}
@@ -91,7 +92,7 @@ def test_fused_and_separate_runs_are_statistically_the_same(tmp_path: Path) -> N
     for proc, (_, err) in zip(sweeps.values(), ended, strict=True):
         assert proc.returncode == 0, err[-2000:]
     together, alone = (by_name(folder) for folder in sweeps)
-    assert sorted(together) == sorted(alone) and len(together) == 8
+    assert sorted(together) == sorted(alone) and len(together) == 6
     finals = [
         np.array([runs[n].data.metrics["val_acc"] * 100 for n in sorted(together)])
         for runs in (together, alone)
