@@ -48,6 +48,9 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    paths = [out / REPORT_FILE, out / TABLE_FILE]
+    if not figures:
+        return paths
     curves = {
         g.name: {
             "validation": [r.val_acc for r in g.runs],
@@ -55,9 +58,6 @@ def write_report(
         }
         for g in comparison.groups
     }
-    paths = [out / REPORT_FILE, out / TABLE_FILE]
-    if not figures:
-        return paths
     paths.append(plot_group_curves(curves, out / COMPARISON_CURVES_FILE))
     if comparison.across:
         pair = comparison.across[0]
