@@ -29,10 +29,8 @@ pytestmark = pytest.mark.process
 
 FUSED = "hydra/launcher=fused"
 #: 8 steps an epoch on the generated data: 24 steps, "a few dozen". The limit is the whole
-#: epoch, said so that the default launcher's rule (gpool.parallel) counts the steps there
-#: are, not a FashionMNIST epoch's, and runs the basic sweeps one after another as it would
-#: a user's this short (no joblib workers to start). LEAN: what these tests compare is
-#: histories; the test of what a fused run logs keeps the model and figures.
+#: epoch, said for the launcher's rule as LONG says big_root's. LEAN: what these tests
+#: compare is histories; the test of what a fused run logs keeps the model and figures.
 STEPS = ("trainer.epochs=3", "trainer.limit_train_batches=8", "trainer.eval_batch_size=128", *LEAN)
 HEADS_X_SEEDS = ("pool=avg,max", "seed=0,1")
 
